@@ -1,0 +1,51 @@
+"""Page accounting: reservations, growth, sharing and freeing never leak a page."""
+
+import pytest
+
+from model.pages import OutOfPagesError, PageAllocator
+
+
+def test_allocate_and_free_return_every_page():
+    a = PageAllocator(num_pages=10, page_size=64)
+    assert a.pages_needed(1) == 1 and a.pages_needed(64) == 1 and a.pages_needed(65) == 2
+    t1 = a.allocate("r1", 130)
+    t2 = a.allocate("r2", 64)
+    assert len(t1) == 3 and len(t2) == 1 and not set(t1) & set(t2)
+    assert a.num_free_pages == 6 and a.capacity("r1") == 192
+    assert a.free("r1") == 3 and a.free("r2") == 1
+    assert a.num_free_pages == 10 and a.free("r1") == 0
+
+
+def test_out_of_pages_is_an_error_and_changes_nothing():
+    a = PageAllocator(num_pages=4, page_size=16)
+    a.allocate("r1", 40)
+    assert not a.can_allocate(40)
+    with pytest.raises(OutOfPagesError, match="need 3 free pages"):
+        a.allocate("r2", 40)
+    assert a.num_free_pages == 1 and not a.has("r2")
+    with pytest.raises(ValueError, match="already holds"):
+        a.allocate("r1", 1)
+
+
+def test_append_grows_reservation():
+    a = PageAllocator(num_pages=4, page_size=16)
+    a.allocate("r", 10)
+    assert a.can_append("r", 33) and len(a.append("r", 33)) == 2
+    assert a.append("r", 40) == []  # still fits
+    assert not a.can_append("r", 80)
+    with pytest.raises(OutOfPagesError):
+        a.append("r", 80)
+    assert a.free("r") == 3 and a.num_free_pages == 4
+
+
+def test_shared_pages_are_reference_counted():
+    a = PageAllocator(num_pages=6, page_size=8)
+    prefix = a.allocate("first", 16)  # two full pages
+    a.retain(prefix)  # the prefix cache keeps them
+    t = a.allocate("second", 20, shared_pages=prefix)
+    assert t[:2] == prefix and a.ref_count(prefix[0]) == 3
+    assert a.num_free_pages == 6 - 2 - 1
+    a.free("first")
+    a.free("second")
+    assert a.num_free_pages == 4  # the cache still holds the prefix
+    assert a.release(prefix) == 2 and a.num_free_pages == 6
