@@ -1,0 +1,148 @@
+"""The scheduler's books: what every instance reported, and what every routed request holds.
+
+A ``Reservation`` is created when a request is routed and holds (a) ``num_pages`` decode pages
+on its decode instance and (b) ``num_uncached_tokens`` of queued prefill work plus its block
+hashes on its prefill instance (the decode instance itself for local prefill). (b) goes at
+``prefill_done``; both go at ``release``. Removing an instance releases the reservations that
+depended on it. Every counter here returns to zero when every request is released.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from scheduler.state import DecodeInstanceState, PrefillInstanceState, RequestSpec, Role
+
+
+class UnknownInstanceError(KeyError):
+    """A report or removal for an instance the scheduler does not know (add_instance first)."""
+
+
+@dataclass
+class InstanceBook:
+    """One instance: its latest reports and the load routed to it that they may not show yet."""
+
+    instance_id: str
+    role: Role
+    prefill: PrefillInstanceState | None = None
+    decode: DecodeInstanceState | None = None
+    num_reserved_pages: int = 0  # decode pages held by requests routed here
+    num_assigned: int = 0  # requests decoding (or about to) here
+    num_pending_tokens: int = 0  # prefill tokens routed here, not yet done
+    pending_hashes: Counter[int] = field(default_factory=Counter)  # blocks being prefilled here
+
+    @property
+    def can_prefill(self) -> bool:
+        return self.role in (Role.PREFILL, Role.MIXED)
+
+    @property
+    def can_decode(self) -> bool:
+        return self.role in (Role.DECODE, Role.MIXED)
+
+    @property
+    def num_free_pages(self) -> int:
+        """min(reported free, total - reserved here): each is a lower bound while the other is
+        stale (a report that predates our routes / reservations the worker already freed)."""
+        assert self.decode is not None, f"{self.instance_id} has not reported its KV pages"
+        return min(
+            self.decode.num_free_pages, self.decode.num_total_pages - self.num_reserved_pages
+        )
+
+
+@dataclass
+class Reservation:
+    """What one routed request holds."""
+
+    spec: RequestSpec
+    prefill_id: str  # instance doing the prefill (the decode instance when local)
+    decode_id: str
+    num_pages: int
+    num_uncached_tokens: int
+    decode_start_s: float  # scheduler clock: estimated, then actual, first-token time
+    is_prefill_done: bool = False
+
+
+class Ledger:
+    """Instances and reservations, kept consistent (no leak, no double count)."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, InstanceBook] = {}
+        self.reservations: dict[str, Reservation] = {}
+
+    def get(self, instance_id: str) -> InstanceBook:
+        book = self.instances.get(instance_id)
+        if book is None:
+            raise UnknownInstanceError(f"unknown instance {instance_id!r}; call add_instance first")
+        return book
+
+    def add_instance(self, instance_id: str, role: Role) -> None:
+        if instance_id in self.instances:
+            raise ValueError(f"instance {instance_id!r} already added; remove_instance first")
+        self.instances[instance_id] = InstanceBook(instance_id, role)
+
+    def remove_instance(self, instance_id: str) -> list[Reservation]:
+        """Drop the instance; release and return the reservations that lost their decode
+        instance or their (unfinished) prefill instance."""
+        if self.instances.pop(instance_id, None) is None:
+            return []
+        lost = [
+            r
+            for r in self.reservations.values()
+            if r.decode_id == instance_id or (r.prefill_id == instance_id and not r.is_prefill_done)
+        ]
+        for r in lost:
+            self.release(r.spec.request_id)
+        return lost
+
+    def reserve(self, r: Reservation) -> None:
+        assert r.spec.request_id not in self.reservations, "request already holds a reservation"
+        self.reservations[r.spec.request_id] = r
+        d = self.instances[r.decode_id]
+        d.num_reserved_pages += r.num_pages
+        d.num_assigned += 1
+        p = self.instances[r.prefill_id]
+        p.num_pending_tokens += r.num_uncached_tokens
+        p.pending_hashes.update(r.spec.block_hashes)
+
+    def prefill_done(self, request_id: str, now: float) -> bool:
+        r = self.reservations.get(request_id)
+        if r is None or r.is_prefill_done:
+            return False
+        self._release_prefill(r)
+        r.decode_start_s = now
+        return True
+
+    def release(self, request_id: str) -> bool:
+        r = self.reservations.pop(request_id, None)
+        if r is None:
+            return False
+        if not r.is_prefill_done:
+            self._release_prefill(r)
+        d = self.instances.get(r.decode_id)
+        if d is not None:
+            d.num_reserved_pages -= r.num_pages
+            d.num_assigned -= 1
+            assert d.num_reserved_pages >= 0 and d.num_assigned >= 0, f"books of {d.instance_id}"
+        return True
+
+    def releases(self, decode_id: str, now: float, step_s: float) -> list[tuple[float, int]]:
+        """(estimated seconds until finish, pages) of each request decoding on ``decode_id``,
+        assuming it runs to max_tokens at ``step_s`` per token."""
+        return [
+            (r.decode_start_s + r.spec.max_tokens * step_s - now, r.num_pages)
+            for r in self.reservations.values()
+            if r.decode_id == decode_id
+        ]
+
+    def _release_prefill(self, r: Reservation) -> None:
+        r.is_prefill_done = True
+        p = self.instances.get(r.prefill_id)
+        if p is None:
+            return
+        p.num_pending_tokens -= r.num_uncached_tokens
+        assert p.num_pending_tokens >= 0, f"negative pending prefill tokens on {p.instance_id}"
+        for h in r.spec.block_hashes:
+            p.pending_hashes[h] -= 1
+            if p.pending_hashes[h] <= 0:
+                del p.pending_hashes[h]
