@@ -1,0 +1,272 @@
+"""One request through the cluster, as the ingress drives it (docs/serving-contract.md).
+
+``Flow.generate(gen)`` is an async generator of events: ``Started`` once the request is placed,
+``Tokens`` for every batch a long-poll returns, ``Finished`` at the end. The steps:
+1. route: the scheduler actor answers a ``RouteDecision`` or a ``Rejection`` (-> ``ApiError``
+   400/429/503 before anything is sent).
+2. place: decode-local or mixed -> ``decode.start(job without first token)``; disaggregated ->
+   ``decode.reserve`` (pages + receiver address), ``prefill.prefill`` (chunked prefill, KV
+   streamed per layer, first token back), ``decode.start(job with first token)``.
+3. stream: ``decode.poll(id, cursor)`` returns every token since the cursor in one message.
+4. end: ``scheduler.on_finished``; on any exit without a finish (client gone, stop string,
+   error) the request is cancelled on every worker that holds it and in the scheduler, which
+   frees its pages and batch slot.
+Failures: a worker that refuses (draining, out of pages, wrong role after a move) or fails a
+prefill sends the request back to step 1. A dead worker is reported to the pool manager (which
+takes it out of the scheduler and starts a replacement) and the request is *resumed*: routed
+again with the prompt plus the tokens generated so far as its prompt and the rest of its
+``max_tokens``, so the client's stream continues where it stopped (greedy output is the same
+tokens; a seeded sampled request continues with a fresh, still deterministic, draw sequence).
+After ``max_attempts`` routes the request ends with a clear error (503 before the first token,
+an error event in the stream after it). While a pool heals (no decode instance), re-routes wait
+up to ``reroute_timeout_s`` for capacity instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from cluster.config import ClusterConfig
+from cluster.errors import ApiError, StreamError
+from cluster.messages import WorkerError
+from decode.jobs import DecodeJob
+from model.sampling import SamplingParams
+from prefill.jobs import PrefillJob
+from scheduler.state import Rejection, RequestSpec, RouteDecision
+
+T = TypeVar("T")
+
+REROUTE_TIMEOUT_S = 120.0  # a re-route waits this long for a healing pool
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A validated, tokenised request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Started:
+    """Placed: the response may begin. ``num_cached_tokens``: prompt tokens from the prefix
+    cache (reported by the prefill instance, or the scheduler's estimate for local prefill)."""
+
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length"
+
+
+Event = Started | Tokens | Finished
+
+
+class _Retry(Exception):
+    """This attempt failed in a way another route may fix."""
+
+    def __init__(self, message: str, instance_id: str | None = None, is_dead: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.instance_id = instance_id
+        self.is_dead = is_dead
+
+
+class InstanceDirectory:
+    """instance id -> leader actor handle, cached from the pool manager."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._handles: dict[str, Any] = {}
+
+    async def get(self, instance_id: str) -> Any:
+        if instance_id not in self._handles:
+            self._handles = await self._pool.handles.remote()
+        handle = self._handles.get(instance_id)
+        if handle is None:
+            raise _Retry(f"instance {instance_id} is gone", instance_id)
+        return handle
+
+    async def report_failure(self, instance_id: str) -> None:
+        """Tell the pool manager; returns once a dead instance is out of the scheduler."""
+        self._handles.pop(instance_id, None)
+        await self._pool.report_failure.remote(instance_id)
+
+
+@dataclass
+class _Attempt:
+    """One route of a request: what must be undone if it does not finish."""
+
+    sid: str  # request id on the workers and in the scheduler: "<request id>.<attempt>"
+    decision: RouteDecision
+    decode: Any = None
+    prefill: Any = None
+    is_done: bool = False
+    refs: list[Any] = field(default_factory=list)
+
+    def abandon(self, scheduler: Any) -> None:
+        """Cancel everywhere (fire and forget: the caller may be a cancelled task)."""
+        if self.is_done:
+            return
+        self.is_done = True
+        for handle in (self.decode, self.prefill):
+            if handle is not None:
+                self.refs.append(handle.cancel.remote(self.sid))
+        self.refs.append(scheduler.on_cancel.remote(self.sid))
+
+
+class Flow:
+    """Drives requests through scheduler, prefill and decode workers (one per ingress replica)."""
+
+    def __init__(self, config: ClusterConfig, scheduler: Any, directory: InstanceDirectory):
+        self.config = config
+        self.scheduler = scheduler
+        self.directory = directory
+        self.num_reroutes = 0
+
+    async def generate(self, gen: Generation) -> AsyncIterator[Event]:
+        generated: list[int] = []
+        is_started = False
+        last_error = "no attempt made"
+        for attempt in range(1, self.config.max_attempts + 1):
+            remaining = gen.max_tokens - len(generated)
+            if remaining <= 0:  # the tokens all arrived; only the finish was lost
+                yield Finished("length")
+                return
+            prompt = gen.prompt_ids + generated
+            sid = f"{gen.request_id}.{attempt}"
+            decision = await self._route(sid, prompt, remaining, is_retry=attempt > 1)
+            if isinstance(decision, Rejection):
+                error = rejection_error(decision)
+                if not is_started:
+                    raise error
+                raise StreamError(f"re-route after a worker failure rejected: {error.message}")
+            run = _Attempt(sid, decision)
+            try:
+                decode, num_cached = await self._place(run, prompt, remaining, gen)
+                if not is_started:
+                    is_started = True
+                    yield Started(num_cached)
+                cursor = 0
+                while True:
+                    batch = await self._call(
+                        decision.decode_instance_id,
+                        decode.poll.remote(sid, cursor, self.config.poll_timeout_s),
+                    )
+                    cursor = batch.cursor
+                    if batch.token_ids:
+                        generated.extend(batch.token_ids)
+                        yield Tokens(batch.token_ids)
+                    if batch.finished:
+                        if batch.finish_reason == "abort":
+                            raise _Retry(
+                                f"decode {decision.decode_instance_id}: {batch.error or 'aborted'}",
+                                decision.decode_instance_id,
+                            )
+                        run.is_done = True
+                        self.scheduler.on_finished.remote(sid)
+                        yield Finished(batch.finish_reason or "stop")
+                        return
+            except _Retry as e:
+                run.abandon(self.scheduler)
+                last_error = e.message
+                self.num_reroutes += 1
+                if e.is_dead and e.instance_id is not None:
+                    await self.directory.report_failure(e.instance_id)
+            except BaseException:  # client gone (GeneratorExit, CancelledError), stop string, bug
+                run.abandon(self.scheduler)
+                raise
+        message = f"request failed after {self.config.max_attempts} attempts: {last_error}"
+        if not is_started:
+            raise ApiError(503, message, code="no_capacity", retry_after_s=1.0)
+        raise StreamError(message)
+
+    async def _route(
+        self, sid: str, prompt: list[int], max_tokens: int, is_retry: bool
+    ) -> RouteDecision | Rejection:
+        spec = RequestSpec.from_token_ids(sid, prompt, max_tokens, self.config.scheduler.block_size)
+        deadline = time.monotonic() + REROUTE_TIMEOUT_S
+        while True:
+            answer = await self.scheduler.route.remote(spec)
+            # A re-route while the pools heal (no decode instance yet) waits for the replacement.
+            if not (is_retry and isinstance(answer, Rejection) and answer.status == 503):
+                return answer
+            if time.monotonic() > deadline:
+                return answer
+            await asyncio.sleep(0.5)
+
+    async def _place(
+        self, run: _Attempt, prompt: list[int], max_tokens: int, gen: Generation
+    ) -> tuple[Any, int]:
+        """Steps 2-4 of the contract; returns the decode handle and the cached prompt tokens."""
+        d = run.decision
+        run.decode = decode = await self.directory.get(d.decode_instance_id)
+        if d.is_local_prefill:
+            job = DecodeJob(
+                run.sid, prompt, None, gen.sampling, max_tokens, gen.stop_token_ids, gen.ignore_eos
+            )
+            refused = await self._call(d.decode_instance_id, decode.start.remote(job))
+            _raise_if_refused(refused, d.decode_instance_id)
+            return decode, d.num_cached_tokens
+        assert d.prefill_instance_id is not None
+        run.prefill = prefill = await self.directory.get(d.prefill_instance_id)
+        lease_s = self.config.transfer.lease_s + 2 * d.estimated_ttft_s
+        address = await self._call(
+            d.decode_instance_id, decode.reserve.remote(run.sid, len(prompt) + max_tokens, lease_s)
+        )
+        _raise_if_refused(address, d.decode_instance_id)
+        job = PrefillJob(run.sid, prompt, gen.sampling, address, self.config.wire_format)
+        result = await self._call(d.prefill_instance_id, prefill.prefill.remote(job))
+        run.prefill = None  # finished there: nothing left to cancel
+        self.scheduler.on_prefill_done.remote(run.sid)
+        if result.error is not None:
+            raise _Retry(f"prefill {d.prefill_instance_id}: {result.error}", d.prefill_instance_id)
+        job = DecodeJob(
+            run.sid,
+            prompt,
+            result.first_token_id,
+            gen.sampling,
+            max_tokens,
+            gen.stop_token_ids,
+            gen.ignore_eos,
+        )
+        refused = await self._call(d.decode_instance_id, decode.start.remote(job))
+        _raise_if_refused(refused, d.decode_instance_id)
+        return decode, result.num_cached_tokens
+
+    @staticmethod
+    async def _call(instance_id: str, ref: Awaitable[T]) -> T:
+        """Await an actor call; a dead actor or a raised error becomes ``_Retry``."""
+        try:
+            return await ref
+        except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            raise _Retry(f"instance {instance_id} died: {e}", instance_id, is_dead=True) from e
+        except RayTaskError as e:
+            raise _Retry(f"instance {instance_id} failed: {e}", instance_id) from e
+
+
+def _raise_if_refused(answer: Any, instance_id: str) -> None:
+    if isinstance(answer, WorkerError):
+        raise _Retry(f"instance {instance_id}: {answer.message}", instance_id)
+
+
+def rejection_error(r: Rejection) -> ApiError:
+    """The HTTP error of a scheduler rejection (429s carry Retry-After)."""
+    status = r.status if r.status in (400, 429, 503) else 500
+    return ApiError(status, r.message, code=r.reason, retry_after_s=r.retry_after_s)

@@ -1,0 +1,83 @@
+"""Typed messages between the cluster's actors (workers, pool manager, ingress).
+
+Frozen dataclasses of plain values: they cross Ray actor boundaries and end up in the JSON of
+``GET /admin/pools``. The stage messages themselves (``PrefillJob``, ``DecodeJob``,
+``TokenBatch``, ...) live in prefill/ and decode/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """A worker refused or failed a call (errors are values across the actor boundary).
+
+    ``is_retryable``: the request can go to another instance (draining, out of pages, wrong
+    role after a move); otherwise the request itself is at fault.
+    """
+
+    message: str
+    is_retryable: bool = True
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where a rank runs and what it serves (answer of ``ready``)."""
+
+    instance_id: str
+    rank: int
+    role: str
+    node_id: str
+    pid: int
+    kv_address: str | None  # the KV receiver's "host:port" (decode role only)
+    fingerprint: str  # model + KV format; prefill and decode must agree
+    num_total_pages: int
+    page_size: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One rank's state for the pool manager, the metrics, and ``GET /admin/pools``."""
+
+    instance_id: str
+    role: str
+    is_draining: bool
+    num_free_pages: int
+    num_used_pages: int
+    num_total_pages: int
+    num_running: int = 0  # decode: sequences in the batch
+    num_waiting: int = 0  # decode: waiting for KV/pages or prefilling locally
+    num_queued: int = 0  # prefill: jobs queued or running
+    num_queued_tokens: int = 0  # prefill: uncached prompt tokens still to compute
+    num_cached_blocks: int = 0  # prefix cache size (blocks)
+    num_prompt_tokens: int = 0  # lifetime prompt tokens prefilled here
+    num_cached_tokens: int = 0  # of those, from the prefix cache
+    num_generated_tokens: int = 0  # lifetime output tokens
+    num_steps: int = 0
+    prefill_tokens_per_s: float | None = None
+    decode_step_s: float | None = None
+    num_transfer_bytes: int = 0  # KV bytes received (decode) or sent (prefill)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """One instance as the pool manager sees it."""
+
+    instance_id: str
+    role: str
+    state: str  # starting | serving | moving | dead
+    num_ranks: int
+    node_ids: tuple[str, ...]
+    stats: WorkerStats | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["node_ids"] = list(self.node_ids)
+        return d

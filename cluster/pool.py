@@ -1,0 +1,286 @@
+"""The pool manager: creates instances, checks their health, heals, resizes, and moves them.
+
+It keeps a target size per pool (``prefill``, ``decode``, ``mixed``) and reconciles the live
+instances towards it, one membership change at a time:
+- grow: place a new instance (placement group + rank actors), wait for its engine, register it
+  with the scheduler, switch on its state reports;
+- shrink: take the newest instance out of the scheduler (no new routes), let it finish its
+  in-flight work (``drain``), then stop it;
+- heal: a health loop pings every instance; a dead one (actor gone, or silent past
+  ``health_timeout_s``) is removed from the scheduler and stopped, and reconciling starts a
+  replacement. The ingress reports a failed call with ``report_failure`` so this happens at once;
+- move: an instance changes pool without reloading weights (out of the scheduler, the worker
+  drains and rebuilds its stage, back into the scheduler under the new role); the targets
+  follow the move.
+The ingress re-routes its own requests that lost an instance; the pool manager only fixes the
+pools. It runs as a Serve deployment (one replica, no CPU); the scheduler actor and the
+instances are its children, so deleting the application stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+from cluster.config import ROLES, ClusterConfig
+from cluster.instance import (
+    DEAD,
+    DRAINING,
+    MOVING,
+    SERVING,
+    STARTING,
+    Instance,
+    start_instance,
+    stop_instance,
+)
+from cluster.metrics import PoolMetrics
+from cluster.placement import cluster_has_gpus
+from scheduler.actor import make_scheduler_actor
+from scheduler.state import SchedulerError
+
+log = logging.getLogger(__name__)
+
+
+class PoolManager:
+    """Owns the scheduler actor and every instance of one tidal deployment."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.scheduler = make_scheduler_actor(config.scheduler)
+        self._instances: dict[str, Instance] = {}
+        self._targets = {role: config.pool(role).num_instances for role in ROLES}
+        self._next_id = 0
+        self._has_gpus = cluster_has_gpus()
+        self._metrics = PoolMetrics()
+        self._lock: asyncio.Lock | None = None
+        self._startup: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._last_error: str | None = None
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: the first call starts the pools
+        self._ensure_started()
+
+    # ---- queries (ingress, admin) -----------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        """``is_ready``: the initial pools are up and some instance can decode; counts by
+        role of serving instances; the last pool change error."""
+        startup = self._ensure_started()
+        counts = {role: 0 for role in ROLES}
+        for inst in self._instances.values():
+            if inst.state == SERVING:
+                counts[inst.role] += 1
+        is_ready = startup.done() and counts["decode"] + counts["mixed"] > 0
+        return {"is_ready": is_ready, "serving": counts, "last_error": self._last_error}
+
+    async def scheduler_handle(self) -> Any:
+        self._ensure_started()
+        return self.scheduler
+
+    async def handles(self) -> dict[str, Any]:
+        """instance id -> leader actor handle, for every instance that may hold requests."""
+        self._ensure_started()
+        return {
+            i.instance_id: i.leader
+            for i in self._instances.values()
+            if i.state in (SERVING, MOVING, DRAINING) and i.ranks
+        }
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Instances with their live stats, targets and scheduler stats (GET /admin/pools)."""
+        self._ensure_started()
+        instances = [i for i in self._instances.values() if i.state != DEAD]
+
+        async def stats(inst: Instance) -> Any:
+            if not inst.ranks or inst.state == STARTING:
+                return None
+            try:
+                return await asyncio.wait_for(inst.leader.stats.remote(), 5.0)
+            except Exception:
+                return None
+
+        all_stats = await asyncio.gather(*(stats(i) for i in instances))
+        sched = await self.scheduler.stats.remote()
+        return {
+            "targets": dict(self._targets),
+            "instances": [i.view(s).to_dict() for i, s in zip(instances, all_stats, strict=True)],
+            "scheduler": {**asdict(sched), "prefix_hit_rate": sched.prefix_hit_rate},
+            "last_error": self._last_error,
+        }
+
+    # ---- changes ----------------------------------------------------------------------------
+    async def resize(self, sizes: dict[str, int]) -> dict[str, Any]:
+        """Set pool sizes (roles not named keep theirs) and wait until the pools match."""
+        for role, n in sizes.items():
+            if role not in ROLES or n < 0:
+                raise ValueError(f"bad pool size {role}={n}; roles are {ROLES}, sizes >= 0")
+        targets = {**self._targets, **sizes}
+        if targets["decode"] + targets["mixed"] < 1:
+            raise ValueError("at least one decode or mixed instance must remain")
+        await self._ensure_started()
+        async with self._get_lock():
+            self._targets = targets
+            await self._reconcile()
+        return await self.snapshot()
+
+    async def move(self, instance_id: str, role: str) -> dict[str, Any]:
+        """Move a serving instance to another pool, keeping its weights loaded."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; use one of {ROLES}")
+        await self._ensure_started()
+        async with self._get_lock():
+            inst = self._instances.get(instance_id)
+            if inst is None or inst.state != SERVING:
+                raise ValueError(
+                    f"instance {instance_id!r} is not serving; pick one from GET /admin/pools"
+                )
+            if inst.role != role:
+                old = inst.role
+                remaining = sum(
+                    1
+                    for i in self._instances.values()
+                    if i is not inst and i.state == SERVING and i.role in ("decode", "mixed")
+                )
+                if old in ("decode", "mixed") and role == "prefill" and remaining == 0:
+                    raise ValueError(f"{instance_id} is the last decode instance; add one first")
+                inst.state = MOVING
+                await inst.leader.set_reporting.remote(False)
+                await self.scheduler.remove_instance.remote(instance_id)
+                answer = await inst.leader.set_role.remote(role)
+                if not hasattr(answer, "instance_id"):
+                    inst.state = SERVING
+                    raise RuntimeError(f"{instance_id}: role change failed: {answer}")
+                inst.role, inst.infos[0] = role, answer
+                await self._register(inst)
+                self._targets[old] -= 1
+                self._targets[role] += 1
+        return await self.snapshot()
+
+    async def report_failure(self, instance_id: str) -> None:
+        """The ingress saw a call to ``instance_id`` fail: check it now."""
+        inst = self._instances.get(instance_id)
+        if inst is not None and inst.state in (SERVING, DRAINING):
+            if not await self._is_alive(inst):
+                await self._heal(inst)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _get_lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def _ensure_started(self) -> asyncio.Task[None]:
+        if self._startup is None:
+            loop = asyncio.get_running_loop()
+            self._startup = loop.create_task(self._start())
+        return self._startup
+
+    async def _start(self) -> None:
+        async with self._get_lock():
+            await self._reconcile()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _reconcile(self) -> None:
+        """Start or drain instances until each pool has its target (caller holds the lock)."""
+        grow: list[str] = []
+        shrink: list[Instance] = []
+        for role in ROLES:
+            live = [
+                i for i in self._instances.values() if i.role == role and i.state == SERVING
+            ]
+            n = self._targets[role] - len(live)
+            grow += [role] * max(n, 0)
+            shrink += live[::-1][: max(-n, 0)]  # newest first
+        results = await asyncio.gather(
+            *(self._grow(role) for role in grow),
+            *(self._shrink(inst) for inst in shrink),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                self._last_error = f"{type(r).__name__}: {r}"
+                log.error("pool change failed: %s", self._last_error)
+
+    async def _grow(self, role: str) -> None:
+        instance_id = f"i{self._next_id}"
+        self._next_id += 1
+        self._instances[instance_id] = Instance(instance_id, role)
+        try:
+            inst = await start_instance(
+                instance_id, role, self.config, self.scheduler, self._has_gpus
+            )
+        except BaseException:
+            del self._instances[instance_id]
+            raise
+        self._instances[instance_id] = inst
+        await self._register(inst)
+        log.info("%s started as %s on %s", instance_id, role, inst.infos[0].node_id)
+
+    async def _register(self, inst: Instance) -> None:
+        error = await self.scheduler.add_instance.remote(inst.instance_id, inst.role)
+        if isinstance(error, SchedulerError):
+            raise RuntimeError(f"scheduler refused {inst.instance_id}: {error.message}")
+        await inst.leader.set_reporting.remote(True)
+        inst.state = SERVING
+
+    async def _shrink(self, inst: Instance) -> None:
+        inst.state = DRAINING
+        try:
+            await inst.leader.set_reporting.remote(False)
+            await self.scheduler.remove_instance.remote(inst.instance_id)
+            await inst.leader.drain.remote()
+            await inst.leader.shutdown.remote()
+        except Exception as e:  # dead already: nothing left to drain
+            log.warning("%s: drain failed: %s", inst.instance_id, e)
+        stop_instance(inst)
+        self._instances.pop(inst.instance_id, None)
+
+    async def _is_alive(self, inst: Instance) -> bool:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(r.ping.remote() for r in inst.ranks)),
+                self.config.health_timeout_s,
+            )
+            return True
+        except Exception:  # RayActorError, timeout, or a dead step loop
+            return False
+
+    async def _heal(self, inst: Instance) -> None:
+        """Remove a dead instance and start its replacement."""
+        if inst.state == DEAD:
+            return
+        log.warning("%s (%s) is dead; replacing it", inst.instance_id, inst.role)
+        inst.state = DEAD
+        self._metrics.instance_died(inst.role)
+        await self.scheduler.remove_instance.remote(inst.instance_id)
+        stop_instance(inst)
+        self._instances.pop(inst.instance_id, None)
+        asyncio.get_running_loop().create_task(self._reconcile_locked())
+
+    async def _reconcile_locked(self) -> None:
+        async with self._get_lock():
+            await self._reconcile()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self._check_all()
+            except Exception:  # the watcher must outlive any one failure
+                log.exception("health check round failed")
+
+    async def _check_all(self) -> None:
+        watched = [i for i in self._instances.values() if i.state in (SERVING, DRAINING)]
+        alive = await asyncio.gather(*(self._is_alive(i) for i in watched))
+        for inst, is_alive in zip(watched, alive, strict=True):
+            if not is_alive and inst.state in (SERVING, DRAINING):
+                await self._heal(inst)
+        counts = {(i.role, i.state): 0 for i in self._instances.values()}
+        for i in self._instances.values():
+            counts[(i.role, i.state)] += 1
+        sched = await self.scheduler.stats.remote()
+        self._metrics.update(counts, sched, time.monotonic())

@@ -1,0 +1,410 @@
+"""One rank of an instance: a Ray actor that holds the engine and runs a stage by role.
+
+The actor owns one ``Engine`` (weights and paged KV cache) for its whole life and one stage
+built around it: ``PrefillStage`` (role prefill), ``DecodeStage`` with a ``KVReceiver`` (role
+decode) or ``MixedStage`` (role mixed, the colocated baseline). A background thread runs
+``stage.step()`` in a loop; actor methods (threads of a threaded actor) forward to the stage,
+so a long-poll or a waiting prefill never blocks the loop. Another thread reports the stage's
+state to the scheduler actor every ``report_interval_s`` and updates the metrics.
+
+``set_role`` moves the instance to another pool without reloading weights: it refuses new work
+(retryable ``WorkerError``), waits until in-flight work has finished, stops the loop, closes the
+old stage (every page comes back) and builds the new stage around the same engine. Streams of
+requests that finished on the old stage stay readable.
+
+Errors are values: a call the worker cannot serve returns ``WorkerError`` (retryable ones send
+the request elsewhere), and a failed request comes back as a ``TokenBatch``/``PrefillResult``
+with ``error`` set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.messages import WorkerError, WorkerInfo, WorkerStats
+from cluster.metrics import WorkerMetrics
+from decode.jobs import DecodeJob, TokenBatch
+from decode.mixed import MixedStage
+from decode.stage import DecodeStage
+from prefill.jobs import PrefillJob, PrefillResult
+from prefill.stage import PrefillStage
+from scheduler.state import DecodeInstanceState, PrefillInstanceState, Role
+
+log = logging.getLogger(__name__)
+
+BLOCKING = "blocking"  # concurrency group of calls that wait (poll, prefill)
+
+
+class _Ema:
+    """Exponential moving average (None until the first sample)."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+
+
+class RankWorker:
+    """Ray actor body (``make_rank_worker`` applies ``ray.remote``); one per rank."""
+
+    def __init__(
+        self, instance_id: str, rank: int, role: str, config: ClusterConfig, scheduler: Any
+    ) -> None:
+        import torch
+
+        from model import Engine
+
+        spec = config.engine
+        torch.set_num_threads(spec.num_threads)
+        kwargs: dict[str, Any] = {"num_pages": spec.num_pages} if spec.num_pages else {}
+        self.engine = Engine.load(
+            spec.model_dir,
+            dtype=getattr(torch, spec.dtype),
+            device=spec.device,
+            kv_format=spec.kv_format,
+            page_size=spec.page_size,
+            chunk_size=spec.chunk_size,
+            **kwargs,
+        )
+        self.instance_id = instance_id
+        self.rank = rank
+        self.config = config
+        self._scheduler = scheduler
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._node_ip = ray.util.get_node_ip_address()
+        self._lock = threading.Lock()  # role, stage, draining flag, owners
+        self._role_lock = threading.Lock()  # one role change at a time
+        self._is_draining = False
+        self._is_reporting = False
+        self._receiver = None
+        self._owners: dict[str, DecodeStage] = {}  # request -> the stage that streams it
+        self._wake = threading.Event()  # prefill: a job arrived
+        self._step_s = _Ema()
+        self._metrics = WorkerMetrics(instance_id)
+        self._transfer_bytes_per_token = _wire_bytes_per_token(self.engine, config.wire_format)
+        self._role = Role(role)
+        self._stage = self._make_stage(self._role)
+        self._loop_stop = threading.Event()
+        self._loop_thread = self._start_loop()
+        self._closed = threading.Event()
+        threading.Thread(target=self._report_forever, name="tidal-report", daemon=True).start()
+
+    # ---- lifecycle (pool manager) -----------------------------------------------------------
+    def ready(self) -> WorkerInfo:
+        """Answers once the engine is loaded; what and where this rank is."""
+        from kvtransfer import model_fingerprint
+
+        cache = self.engine.cache
+        return WorkerInfo(
+            instance_id=self.instance_id,
+            rank=self.rank,
+            role=self._role.value,
+            node_id=self._node_id,
+            pid=os.getpid(),
+            kv_address=self._receiver.address if self._receiver is not None else None,
+            fingerprint=model_fingerprint(self.engine.config, cache.fmt),
+            num_total_pages=cache.allocator.num_pages,
+            page_size=cache.allocator.page_size,
+            max_model_len=self.engine.config.max_model_len,
+        )
+
+    def ping(self) -> str:
+        """Health check: the role, if the step loop is alive."""
+        if not self._loop_thread.is_alive() and not self._role_lock.locked():
+            raise RuntimeError(f"{self.instance_id}: the step loop thread died")
+        return self._role.value
+
+    def set_reporting(self, is_on: bool) -> None:
+        """Report to the scheduler (on once the scheduler knows this instance)."""
+        self._is_reporting = is_on
+        if is_on:
+            self._report()
+
+    def set_role(self, role: str) -> WorkerInfo | WorkerError:
+        """Drain in-flight work, then serve ``role`` with the same engine (no weight reload)."""
+        new_role = Role(role)
+        with self._role_lock:
+            with self._lock:
+                self._is_draining = True
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            while not self._is_idle() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self._stop_loop()
+            with self._lock:
+                old = self._stage
+            old.close()  # anything left past the deadline is cancelled (the ingress re-routes)
+            if new_role is not Role.DECODE and self._receiver is not None:
+                self._receiver.stop()
+                self._receiver = None
+            stage = self._make_stage(new_role)
+            with self._lock:
+                self._role, self._stage = new_role, stage
+                self._is_draining = False
+            self._loop_thread = self._start_loop()
+        log.info("%s: now %s", self.instance_id, new_role.value)
+        return self.ready()
+
+    def drain(self) -> bool:
+        """Refuse new work and wait up to ``drain_timeout_s`` for in-flight work to finish
+        (before the instance is removed); True if it is idle."""
+        with self._lock:
+            self._is_draining = True
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while not self._is_idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self._is_idle()
+
+    def shutdown(self) -> None:
+        """Stop the loop, cancel everything, free every page, close the receiver."""
+        self._closed.set()
+        self._is_reporting = False
+        self._stop_loop()
+        self._stage.close()
+        if self._receiver is not None:
+            self._receiver.stop()
+            self._receiver = None
+
+    # ---- prefill role -----------------------------------------------------------------------
+    @ray.method(concurrency_group=BLOCKING)
+    def prefill(self, job: PrefillJob) -> PrefillResult:
+        """Chunked prefill of ``job`` with its KV streamed to ``job.kv_address``; waits for it."""
+        with self._lock:
+            stage, refusal = self._stage, self._refusal(PrefillStage)
+            if refusal is None:
+                future = stage.submit(job)
+        if refusal is not None:
+            return PrefillResult(job.request_id, -1, len(job.prompt_ids), 0, refusal.message)
+        self._wake.set()
+        return future.result()
+
+    # ---- decode and mixed roles -------------------------------------------------------------
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> str | WorkerError:
+        """Reserve KV pages for an incoming transfer; the receiver's address."""
+        with self._lock:
+            stage, refusal = self._stage, self._refusal(DecodeStage)
+        if refusal is not None:
+            return refusal
+        if isinstance(stage, MixedStage):
+            return WorkerError(f"{self.instance_id} is mixed: it takes no KV transfers")
+        try:
+            return stage.reserve(request_id, num_tokens, lease_s)
+        except Exception as e:  # out of pages, duplicate id: the scheduler's books were stale
+            return WorkerError(f"{self.instance_id}: reserve failed: {type(e).__name__}: {e}")
+
+    def start(self, job: DecodeJob) -> WorkerError | None:
+        """Start decoding ``job`` (``first_token_id=None``: prefill it here first)."""
+        with self._lock:
+            stage, refusal = self._stage, self._refusal(DecodeStage)
+            if refusal is None:
+                self._owners[job.request_id] = stage
+        if refusal is not None:
+            return refusal
+        try:
+            stage.start(job)
+        except Exception as e:
+            with self._lock:
+                self._owners.pop(job.request_id, None)
+            return WorkerError(f"{self.instance_id}: start failed: {type(e).__name__}: {e}")
+        return None
+
+    @ray.method(concurrency_group=BLOCKING)
+    def poll(self, request_id: str, cursor: int, timeout_s: float) -> TokenBatch:
+        """Every token of ``request_id`` past ``cursor`` (waits up to ``timeout_s`` for one)."""
+        with self._lock:
+            stage = self._owners.get(request_id)
+        if stage is None:
+            return TokenBatch([], cursor, True, "abort", f"{self.instance_id}: unknown request")
+        try:
+            batch = stage.poll(request_id, cursor, timeout_s)
+        except Exception as e:
+            return TokenBatch([], cursor, True, "abort", f"poll failed: {e}")
+        if batch.finished:
+            with self._lock:
+                self._owners.pop(request_id, None)
+        return batch
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request here (any role) and free its pages and slot; idempotent."""
+        with self._lock:
+            stage = self._owners.pop(request_id, None) or self._stage
+        stage.cancel(request_id)
+
+    # ---- state ------------------------------------------------------------------------------
+    def stats(self) -> WorkerStats:
+        with self._lock:
+            role, stage, is_draining = self._role, self._stage, self._is_draining
+        allocator = self.engine.cache.allocator
+        common = {
+            "instance_id": self.instance_id,
+            "role": role.value,
+            "is_draining": is_draining,
+            "num_total_pages": allocator.num_pages,
+        }
+        s = stage.stats()
+        if isinstance(stage, PrefillStage):
+            return WorkerStats(
+                **common,
+                num_free_pages=s.num_free_pages,
+                num_used_pages=s.num_used_pages,
+                num_queued=s.num_queued,
+                num_queued_tokens=s.num_queued_tokens,
+                num_cached_blocks=s.num_cached_blocks,
+                num_prompt_tokens=s.num_prompt_tokens,
+                num_cached_tokens=s.num_cached_tokens,
+                prefill_tokens_per_s=s.tokens_per_s or None,
+                num_transfer_bytes=s.num_prompt_tokens * self._transfer_bytes_per_token,
+            )
+        return WorkerStats(
+            **common,
+            num_free_pages=s.num_free_pages,
+            num_used_pages=s.num_used_pages,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_prompt_tokens=s.num_prefill_tokens,
+            num_cached_tokens=s.num_cached_tokens,
+            num_generated_tokens=s.num_generated_tokens,
+            num_steps=s.num_steps,
+            decode_step_s=self._step_s.value,
+        )
+
+    def prefix_hashes(self) -> frozenset[int]:
+        """Block hashes in the prefill prefix cache (what the scheduler routes by)."""
+        stage = self._stage
+        if isinstance(stage, PrefillStage):
+            return frozenset(stage.stats().cached_block_hashes)
+        return frozenset()
+
+    # ---- internals --------------------------------------------------------------------------
+    def _make_stage(self, role: Role) -> PrefillStage | DecodeStage:
+        cfg = self.config
+        if role is Role.PREFILL:
+            return PrefillStage(self.engine, cfg.prefill_stage, cfg.transfer)
+        if role is Role.MIXED:
+            return MixedStage(self.engine, cfg.mixed_stage)
+        if self._receiver is None:
+            from kvtransfer import KVReceiver, accepted_fingerprints, model_fingerprint
+
+            cache = self.engine.cache
+            self._receiver = KVReceiver(
+                cache,
+                model_fingerprint(self.engine.config, cache.fmt),
+                host=self._node_ip,
+                config=cfg.transfer,
+                wire_fingerprints=accepted_fingerprints(self.engine.config, [cfg.wire_format]),
+            ).start()
+        return DecodeStage(self.engine, cfg.decode_stage, self._receiver)
+
+    def _refusal(self, kind: type) -> WorkerError | None:
+        """Why this worker cannot take new work of ``kind`` now (caller holds _lock)."""
+        if self._is_draining:
+            return WorkerError(f"{self.instance_id} is draining (changing role); route elsewhere")
+        if not isinstance(self._stage, kind):
+            return WorkerError(f"{self.instance_id} is a {self._role.value} instance now")
+        return None
+
+    def _is_idle(self) -> bool:
+        stage = self._stage
+        s = stage.stats()
+        if isinstance(stage, PrefillStage):
+            return s.num_queued == 0
+        return s.num_running == 0 and s.num_waiting == 0 and s.num_transferring == 0
+
+    def _start_loop(self) -> threading.Thread:
+        self._loop_stop = threading.Event()
+        thread = threading.Thread(
+            target=self._step_forever, args=(self._stage, self._loop_stop), name="tidal-step"
+        )
+        thread.daemon = True
+        thread.start()
+        return thread
+
+    def _stop_loop(self) -> None:
+        self._loop_stop.set()
+        self._wake.set()
+        if self._loop_thread.is_alive():
+            self._loop_thread.join()
+
+    def _step_forever(self, stage: PrefillStage | DecodeStage, stop: threading.Event) -> None:
+        is_decode = isinstance(stage, DecodeStage)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                did_work = stage.step()
+            except Exception:  # a bug in one step must not kill the instance; log it loudly
+                log.exception("%s: step failed", self.instance_id)
+                did_work = False
+                time.sleep(0.05)
+            if did_work:
+                if is_decode and stage.stats().batch_size > 0:
+                    self._step_s.add(time.perf_counter() - t0)
+            elif is_decode:
+                stage.wait_for_work(0.05)
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def _report_forever(self) -> None:
+        while not self._closed.wait(self.config.report_interval_s):
+            try:
+                self._report()
+            except Exception:  # the scheduler restarting must not kill the reporter
+                log.exception("%s: report failed", self.instance_id)
+
+    def _report(self) -> None:
+        stats = self.stats()
+        self._metrics.update(stats)
+        if not self._is_reporting or stats.is_draining:
+            return
+        if stats.role in ("prefill", "mixed"):
+            hashes = self.prefix_hashes() if stats.role == "prefill" else frozenset()
+            self._scheduler.update_prefill.remote(
+                PrefillInstanceState(
+                    self.instance_id,
+                    stats.num_queued_tokens,
+                    stats.prefill_tokens_per_s,
+                    hashes,
+                )
+            )
+        if stats.role in ("decode", "mixed"):
+            self._scheduler.update_decode.remote(
+                DecodeInstanceState(
+                    self.instance_id,
+                    num_free_pages=stats.num_free_pages,
+                    num_total_pages=stats.num_total_pages,
+                    num_running=stats.num_running,
+                    max_batch_size=self.config.decode_stage.max_batch_size,
+                    decode_step_s=stats.decode_step_s,
+                )
+            )
+
+
+def _wire_bytes_per_token(engine: Any, wire_format: str) -> int:
+    from model.kv_cache import bytes_per_token
+
+    cfg = engine.config
+    return bytes_per_token(wire_format, cfg.kv_lora_rank, cfg.qk_rope_head_dim) * (
+        cfg.num_hidden_layers
+    )
+
+
+def make_rank_worker(
+    instance_id: str,
+    rank: int,
+    role: str,
+    config: ClusterConfig,
+    scheduler: Any,
+    **options: Any,
+) -> Any:
+    """Start one rank actor; ``options`` go to ``.options()`` (placement, resources, name)."""
+    cls = ray.remote(concurrency_groups={BLOCKING: config.max_concurrency})(RankWorker)
+    opts = {"max_concurrency": 32, "max_restarts": 0, **options}
+    return cls.options(**opts).remote(instance_id, rank, role, config, scheduler)

@@ -1,0 +1,110 @@
+"""Typed messages of the decode stage: the job, the token batches it streams, config and stats.
+
+These cross the Ray actor boundary (ingress -> decode worker), so they are frozen dataclasses of
+plain values; no tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.sampling import SamplingParams
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """Generate the output of one request.
+
+    ``first_token_id`` is the token the prefill instance sampled (its KV arrives by transfer into
+    the pages ``reserve`` set aside); ``None`` means "prefill the prompt here first" (decode-local
+    prefill, and every request of the colocated ``MixedStage``). The first token counts towards
+    ``max_tokens`` and is the first token ``poll`` returns.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    first_token_id: int | None = None
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError(f"request {self.request_id!r}: prompt_ids is empty; send >= 1 token")
+        if self.max_tokens < 1:
+            raise ValueError(f"request {self.request_id!r}: max_tokens must be >= 1")
+
+    @property
+    def num_tokens(self) -> int:
+        """KV positions the request can occupy: prompt plus every output token."""
+        return len(self.prompt_ids) + self.max_tokens
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Every token produced since the reader's cursor, in one message.
+
+    ``cursor`` is the position to poll from next (tokens read so far). ``finish_reason``:
+    "stop" (EOS or a stop token; the stop token itself is not returned), "length" (max_tokens)
+    or "abort" (cancelled or failed; ``error`` says why when it failed).
+    """
+
+    token_ids: list[int]
+    cursor: int
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How one decode (or mixed) instance schedules work.
+
+    ``max_batch_size``: sequences per decode step. ``prefill_token_budget``: prompt tokens of
+    local prefill computed per step, interleaved with the decode step so running sequences keep
+    their inter-token latency. ``max_unread_tokens``: a sequence whose reader is this far behind
+    sits out decode steps until the reader catches up (backpressure). ``finished_ttl_s``: how
+    long a finished stream's tokens stay readable. ``reserve_grace_s``: a reservation not
+    started within its lease plus this grace is released (the ingress gave up on it).
+    ``enable_prefix_cache``: reuse KV pages of earlier local prefills (MixedStage).
+    """
+
+    max_batch_size: int = 64
+    prefill_token_budget: int = 512
+    max_unread_tokens: int = 256
+    finished_ttl_s: float = 60.0
+    reserve_grace_s: float = 30.0
+    enable_prefix_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.prefill_token_budget < 1 or self.max_unread_tokens < 1:
+            raise ValueError(
+                "max_batch_size, prefill_token_budget and max_unread_tokens must be >= 1, got "
+                f"{self.max_batch_size}, {self.prefill_token_budget}, {self.max_unread_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """What the scheduler (``DecodeInstanceState``) and the metrics read from one instance."""
+
+    num_free_pages: int
+    num_used_pages: int
+    num_total_pages: int
+    num_reserved_unfilled_pages: int  # reserved for KV that has not fully arrived yet
+    num_running: int  # sequences in the continuous batch
+    num_waiting: int  # waiting for their transfer, for a slot or pages, or prefilling locally
+    num_transferring: int  # reservations whose KV is still arriving
+    max_batch_size: int
+    batch_size: int  # sequences in the last decode step
+    decode_step_s: float | None  # moving average of one decode step (None: no step yet)
+    prefill_tokens_per_s: float | None  # local prefill speed (None: none done yet)
+    cached_block_hashes: tuple[int, ...]  # local prefix cache (MixedStage)
+    num_steps: int
+    num_generated_tokens: int
+    num_finished: int
+    num_prefill_tokens: int  # prompt tokens prefilled locally
+    num_cached_tokens: int  # of those, taken from the prefix cache

@@ -1,0 +1,407 @@
+"""The decode stage: continuous batching over the paged latent cache, with token streaming.
+
+One request (disaggregated):
+1. ``reserve(request_id, num_tokens, lease_s)`` reserves pages in the KV receiver for prompt +
+   max_tokens and returns its address; the prefill instance streams the prompt's KV there.
+2. ``start(job)`` with the first token the prefill sampled: once the transfer is complete and
+   verified (normally already so) the first token is streamed and the sequence joins the batch;
+   a failed or expired transfer ends it with an error and no token.
+3. Every ``step()`` runs one ``engine.decode`` over the batch and samples each sequence's next
+   token; stop conditions end sequences, whose pages are freed at once.
+4. ``poll(request_id, cursor, timeout_s)`` hands the reader every token since its cursor.
+A job with ``first_token_id=None`` is prefilled here first (decode-local prefill): pages are
+allocated locally and the prompt is computed in chunks interleaved with decode steps.
+
+Threads: ``reserve/start/poll/cancel/stats`` come from actor threads, ``step`` from one loop
+thread, and the KV receiver writes into the cache from gRPC threads. ``_lock`` guards the
+stage's bookkeeping and is never held across an engine call; allocator changes take the
+receiver's ``cache_lock`` (always after ``_lock``). A sequence inside an engine call is *busy*:
+``cancel`` marks it and the step thread frees its pages when the call returns, so pages are
+never reused while the engine still writes to them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from decode.batch import DecodeSeq, SeqState, select_batch, stop_ids_for
+from decode.jobs import DecodeConfig, DecodeJob, DecodeStats, TokenBatch
+from decode.local_prefill import LocalPrefill
+from decode.streams import TokenStreams
+from prefill.meter import MeanMeter
+from prefill.prefix_cache import PrefixCache
+from prefill.sampling import sample_token
+
+__all__ = ["DecodeConfig", "DecodeJob", "DecodeStage", "DecodeStats", "TokenBatch"]
+
+_MAINTENANCE_INTERVAL_S = 0.5  # expiring reservations, dropping old streams: not every step
+
+
+def eos_token_ids(engine) -> tuple[int, ...]:
+    """EOS ids from the model config and the tokenizer (either may list them)."""
+    ids = set(getattr(engine.config, "eos_token_ids", ()) or ())
+    ids.update(getattr(getattr(engine, "tokenizer", None), "eos_token_ids", ()) or ())
+    return tuple(sorted(ids))
+
+
+class DecodeStage:
+    """Continuous batching for one decode instance (``receiver`` is its ``KVReceiver``; None
+    for an instance that only prefills locally)."""
+
+    def __init__(self, engine, config: DecodeConfig = DecodeConfig(), receiver=None) -> None:
+        self.engine = engine
+        self.config = config
+        self.receiver = receiver
+        self.allocator = engine.cache.allocator
+        self.cache_lock = receiver.cache_lock if receiver is not None else threading.RLock()
+        self._lock = threading.Lock()
+        self._has_work = threading.Condition(self._lock)
+        self._streams = TokenStreams(config.finished_ttl_s)
+        self._seqs: dict[str, DecodeSeq] = {}  # every unfinished sequence
+        self._reserved: dict[str, tuple[object, float]] = {}  # reserved, not started: deadline
+        self._waiting: deque[DecodeSeq] = deque()  # WAITING_KV / WAITING_PAGES / READY
+        self._prefilling: deque[DecodeSeq] = deque()
+        self._running: list[DecodeSeq] = []
+        self._busy: set[str] = set()
+        prefix = PrefixCache(self.allocator) if config.enable_prefix_cache else None
+        self._local = LocalPrefill(engine, self.cache_lock, prefix)
+        self._eos_token_ids = eos_token_ids(engine)
+        self._batch_size = 0
+        self._num_steps = 0
+        self._num_generated = 0
+        self._num_finished = 0
+        self._next_maintenance = 0.0
+        self._step_time = MeanMeter()
+
+    # ---- API (any thread) -------------------------------------------------------------------
+    def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> str:
+        """Reserve KV pages for an incoming transfer; returns the receiver's "host:port".
+        Raises ``OutOfPagesError`` when the pages are not free (the scheduler picks another)."""
+        if self.receiver is None:
+            raise RuntimeError(
+                "this stage has no KV receiver; start() the job with first_token_id=None to "
+                "prefill it here"
+            )
+        with self._lock:
+            if request_id in self._seqs or request_id in self._reserved:
+                raise ValueError(f"request {request_id!r} is already reserved or running here")
+        reservation = self.receiver.reserve(request_id, num_tokens, lease_s)
+        reservation.future.add_done_callback(lambda _: self._notify())
+        deadline = time.monotonic() + lease_s + self.config.reserve_grace_s
+        with self._lock:
+            self._reserved[request_id] = (reservation, deadline)
+        return self.receiver.address
+
+    def start(self, job: DecodeJob) -> None:
+        """Add a request. With ``first_token_id`` its KV must come from a ``reserve``d transfer;
+        without, the prompt is prefilled here. Problems end the request with an error that
+        ``poll`` reports; only a duplicate request id raises."""
+        rid = job.request_id
+        seq = DecodeSeq(job, stop_ids_for(job, self._eos_token_ids), SeqState.WAITING_PAGES)
+        error, is_over = None, False
+        with self._lock:
+            if rid in self._seqs:
+                raise ValueError(f"request {rid!r} is already running here")
+            self._streams.open(rid)
+            reserved = self._reserved.pop(rid, None)
+            if job.first_token_id is None:
+                if not self._local.can_ever_fit(seq):
+                    error = (
+                        f"request needs {job.num_tokens} tokens of KV, more than this "
+                        f"instance's {self.allocator.num_pages * self.allocator.page_size}"
+                    )
+            elif reserved is None:
+                error = "no KV reservation for this request here: reserve() before start()"
+            else:
+                seq.state, seq.reservation = SeqState.WAITING_KV, reserved[0]
+            if error is None:
+                self._seqs[rid] = seq
+                self._waiting.append(seq)
+                is_over = seq.state is SeqState.WAITING_KV and self._check_transfer(seq)
+                self._has_work.notify_all()
+        if reserved is not None and job.first_token_id is None:
+            self._drop_reservation(rid)  # prefilled here after all: the reserved pages go back
+        if error is not None:
+            self._streams.finish(rid, "abort", error)
+        elif is_over:
+            self._free(seq)
+
+    def poll(self, request_id: str, cursor: int, timeout_s: float) -> TokenBatch:
+        """Every token past ``cursor`` (blocks up to ``timeout_s`` for the first one)."""
+        return self._streams.poll(request_id, cursor, timeout_s)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request and free its pages and batch slot; idempotent."""
+        with self._lock:
+            reserved = self._reserved.pop(request_id, None)
+            seq = self._seqs.get(request_id)
+            is_busy = request_id in self._busy
+            if seq is not None:
+                seq.is_cancelled = True
+                if not is_busy:
+                    self._detach(seq)
+        if reserved is not None:
+            self._drop_reservation(request_id)
+        if seq is not None:
+            self._streams.finish(request_id, "abort")
+            if not is_busy:
+                self._free(seq)
+
+    def stats(self) -> DecodeStats:
+        with self._lock:
+            waiting = list(self._waiting)
+            num_running, num_prefilling = len(self._running), len(self._prefilling)
+            pending = [r for r, _ in self._reserved.values() if not r.done()]
+            pending += [
+                s.reservation
+                for s in waiting
+                if s.state is SeqState.WAITING_KV and not s.reservation.done()
+            ]
+        with self.cache_lock:
+            num_free, num_used = self.allocator.num_free_pages, self.allocator.num_used_pages
+            prefix = self._local.prefix_cache
+            hashes = tuple(prefix.block_hashes()) if prefix is not None else ()
+        return DecodeStats(
+            num_free_pages=num_free,
+            num_used_pages=num_used,
+            num_total_pages=self.allocator.num_pages,
+            num_reserved_unfilled_pages=sum(
+                self.allocator.pages_needed(r.num_tokens) for r in pending
+            ),
+            num_running=num_running,
+            num_waiting=len(waiting) + num_prefilling,
+            num_transferring=len(pending),
+            max_batch_size=self.config.max_batch_size,
+            batch_size=self._batch_size,
+            decode_step_s=self._step_time.value,
+            prefill_tokens_per_s=self._local.throughput.rate,
+            cached_block_hashes=hashes,
+            num_steps=self._num_steps,
+            num_generated_tokens=self._num_generated,
+            num_finished=self._num_finished,
+            num_prefill_tokens=self._local.num_prefill_tokens,
+            num_cached_tokens=self._local.num_cached_tokens,
+        )
+
+    def close(self) -> None:
+        """Cancel every request and reservation and drop the prefix cache (shutdown, role
+        change). Call it after the loop thread stopped stepping."""
+        with self._lock:
+            request_ids = list(self._seqs) + list(self._reserved)
+        for rid in request_ids:
+            self.cancel(rid)
+        self._local.clear()
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until a step would do something (or ``timeout_s`` passes); for the loop thread
+        after ``step()`` returned False. True if there is work."""
+        with self._has_work:
+            if not self._is_idle():
+                return True
+            self._has_work.wait(timeout_s)
+            return not self._is_idle()
+
+    # ---- the loop (one thread) --------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit ready sequences, prefill local prompts (a token budget), decode one token for
+        the batch. True if it did any work."""
+        self._admit()
+        did_prefill = self._prefill()
+        did_decode = self._decode()
+        now = time.monotonic()
+        if now >= self._next_maintenance:
+            self._next_maintenance = now + _MAINTENANCE_INTERVAL_S
+            self._expire_reservations()
+            self._streams.collect_garbage()
+        return did_prefill or did_decode
+
+    def _admit(self) -> None:
+        """Waiting -> running (KV arrived) or -> prefilling (pages allocated), oldest first,
+        up to ``max_batch_size`` sequences in all."""
+        ended: list[DecodeSeq] = []
+        with self._lock:
+            is_blocked = False  # a local prompt waits for pages: later ones wait behind it
+            for seq in list(self._waiting):
+                if seq.state is SeqState.WAITING_KV and self._check_transfer(seq):
+                    ended.append(seq)
+                    continue
+                num_free_slots = (
+                    self.config.max_batch_size - len(self._running) - len(self._prefilling)
+                )
+                if num_free_slots <= 0:
+                    break
+                if seq.state is SeqState.READY:
+                    seq.state = SeqState.RUNNING
+                    self._waiting.remove(seq)
+                    self._running.append(seq)
+                elif seq.state is SeqState.WAITING_PAGES and not is_blocked:
+                    if self._local.allocate(seq):
+                        seq.state = SeqState.PREFILLING
+                        self._waiting.remove(seq)
+                        self._prefilling.append(seq)
+                    else:
+                        is_blocked = True
+        for seq in ended:
+            self._free(seq)
+
+    def _check_transfer(self, seq: DecodeSeq) -> bool:
+        """If a WAITING_KV sequence's transfer ended, make it READY and stream its first token,
+        or end it with the transfer's error. True if the sequence is over (caller frees it).
+        Caller holds _lock."""
+        if not seq.reservation.done():
+            return False
+        error = seq.reservation.future.exception()
+        if error is not None:
+            self._detach(seq)
+            self._streams.finish(seq.request_id, "abort", f"KV transfer failed: {error}")
+            return True
+        seq.state = SeqState.READY
+        if self._emit(seq, seq.job.first_token_id):
+            self._detach(seq)
+            return True
+        return False
+
+    def _prefill(self) -> bool:
+        """Local prefill of up to ``prefill_token_budget`` prompt tokens, oldest prompt first."""
+        budget = self.config.prefill_token_budget
+        did_work = False
+        while budget > 0:
+            with self._lock:
+                if not self._prefilling:
+                    break
+                seq = self._prefilling[0]
+                self._busy.add(seq.request_id)
+            num_before = seq.num_computed
+            error, logits = None, None
+            try:
+                logits = self._local.run_chunk(seq, budget)
+            except Exception as e:  # a failed request is an answer, not a dead loop
+                error = f"prefill failed: {type(e).__name__}: {e}"
+            budget -= seq.num_computed - num_before
+            did_work = True
+            with self._lock:
+                self._busy.discard(seq.request_id)
+                is_done = error is not None or logits is not None or seq.is_cancelled
+                if is_done:
+                    self._prefilling.remove(seq)
+                    if error is None and not seq.is_cancelled:
+                        seq.state = SeqState.RUNNING
+                        self._running.append(seq)
+            if error is not None or seq.is_cancelled:
+                self._end(seq, error)
+            elif logits is not None and self._emit(seq, sample_token(logits, seq.job.sampling, 0)):
+                self._end(seq)
+        return did_work
+
+    def _decode(self) -> bool:
+        """One decode step for every running sequence whose reader keeps up."""
+        with self._lock:
+            batch = select_batch(self._running, self.config.max_batch_size, self._is_backlogged)
+            self._busy.update(seq.request_id for seq in batch)
+        self._batch_size = len(batch)
+        if not batch:
+            return False
+        error, token_ids = None, []
+        t0 = time.perf_counter()
+        try:
+            logits = self.engine.decode(
+                [seq.request_id for seq in batch],
+                [seq.last_token_id for seq in batch],
+                [seq.position for seq in batch],
+            )  # [B, vocab]
+            token_ids = self._sample(batch, logits)
+        except Exception as e:
+            error = f"decode failed: {type(e).__name__}: {e}"
+        with self._lock:
+            self._busy.difference_update(seq.request_id for seq in batch)
+        self._step_time.add(time.perf_counter() - t0)
+        self._num_steps += 1
+        for i, seq in enumerate(batch):
+            if error is not None or seq.is_cancelled:
+                self._end(seq, error)
+            elif self._emit(seq, token_ids[i]):
+                self._end(seq)
+        return True
+
+    def _sample(self, batch: list[DecodeSeq], logits: torch.Tensor) -> list[int]:
+        """One token per row: greedy rows with one argmax, the rest with their own generator."""
+        token_ids = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(batch):
+            if not seq.job.sampling.is_greedy:
+                token_ids[i] = sample_token(logits[i], seq.job.sampling, seq.num_output)
+        return token_ids
+
+    # ---- sequence lifecycle -----------------------------------------------------------------
+    def _emit(self, seq: DecodeSeq, token_id: int) -> bool:
+        """Apply a sampled token: stream it, end the stream on a stop condition. True if the
+        sequence finished."""
+        is_emitted, finish_reason = seq.accept(token_id)
+        if is_emitted:
+            self._streams.push(seq.request_id, token_id)
+            self._num_generated += 1
+        if finish_reason is None:
+            return False
+        self._streams.finish(seq.request_id, finish_reason)
+        return True
+
+    def _end(self, seq: DecodeSeq, error: str | None = None) -> None:
+        """Take a sequence out of the stage and free its pages (step thread, not busy)."""
+        with self._lock:
+            self._detach(seq)
+        self._streams.finish(seq.request_id, "abort", error)  # no-op if already finished
+        self._free(seq)
+
+    def _detach(self, seq: DecodeSeq) -> None:
+        """Remove from every container (caller holds _lock)."""
+        if self._seqs.get(seq.request_id) is seq:
+            del self._seqs[seq.request_id]
+            self._num_finished += 1
+        for queue in (self._waiting, self._prefilling):
+            if seq in queue:
+                queue.remove(seq)
+        if seq in self._running:
+            self._running.remove(seq)
+        seq.state = SeqState.FINISHED
+
+    def _free(self, seq: DecodeSeq) -> None:
+        """Return a detached sequence's pages; aborts its transfer if the KV is still coming."""
+        if seq.reservation is not None and not seq.reservation.done():
+            self.receiver.cancel(seq.request_id, "request ended before its KV arrived")
+        with self.cache_lock:
+            self.allocator.free(seq.request_id)
+
+    def _drop_reservation(self, request_id: str) -> None:
+        """Release a reservation nobody will start: the receiver frees pending ones; a complete
+        one's pages are ours to free."""
+        self.receiver.cancel(request_id, "reservation released by the decode worker")
+        with self.cache_lock:
+            self.allocator.free(request_id)
+
+    def _expire_reservations(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [rid for rid, (_, deadline) in self._reserved.items() if now > deadline]
+            for rid in expired:
+                del self._reserved[rid]
+        for rid in expired:
+            self._drop_reservation(rid)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _is_backlogged(self, seq: DecodeSeq) -> bool:
+        return self._streams.num_unread(seq.request_id) >= self.config.max_unread_tokens
+
+    def _is_idle(self) -> bool:
+        """Nothing a step could do now (caller holds _lock)."""
+        if self._prefilling or any(not self._is_backlogged(s) for s in self._running):
+            return False
+        return not any(
+            s.state is not SeqState.WAITING_KV or s.reservation.done() for s in self._waiting
+        )
+
+    def _notify(self) -> None:
+        with self._has_work:
+            self._has_work.notify_all()

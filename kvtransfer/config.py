@@ -1,0 +1,54 @@
+"""Transfer tuning: one frozen dataclass shared by sender and receiver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Sizes and deadlines of the KV transfer; every default is in seconds or bytes.
+
+    The overall deadline of a transfer is ``deadline_base_s + total_bytes / deadline_min_rate``
+    counted from ``begin()`` (sender) or the open frame (receiver). A transfer streamed from a
+    slow producer (a long CPU prefill) must raise it, or it fails by design.
+    """
+
+    chunk_bytes: int = 16 * MiB  # largest tensor payload of one chunk frame
+    max_inflight_bytes: int = 64 * MiB  # sender: unacknowledged bytes before send_layer blocks
+    idle_timeout_s: float = 5.0  # no acknowledgement (sender) / no frame (receiver) for this long
+    deadline_base_s: float = 10.0
+    deadline_min_rate: float = 50e6  # bytes/s the overall deadline allows for
+    connect_timeout_s: float = 3.0  # sender: wait for the open to be accepted
+    lease_s: float = 30.0  # receiver: a reservation with no transfer open expires after this
+    max_message_bytes: int = 64 * MiB + 64 * 1024  # gRPC limit, both directions
+    max_workers: int = 64  # receiver: server threads = concurrent streams
+    resume: bool = True  # sender: reopen once from the last acknowledged chunk
+
+    def __post_init__(self) -> None:
+        assert self.chunk_bytes > 0 and self.max_inflight_bytes > 0, "sizes must be positive"
+        assert self.chunk_bytes + 4096 <= self.max_message_bytes, (
+            "chunk_bytes must leave 4 KiB of header room under max_message_bytes"
+        )
+        assert self.idle_timeout_s > 0 and self.deadline_base_s > 0 and self.lease_s > 0
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel/server options: message limits, and large HTTP/2 frames and windows so a
+        multi-megabyte chunk is not cut into 16 KiB frames behind a 64 KiB window."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.http2.max_frame_size", 16 * MiB - 1),
+            ("grpc.http2.lookahead_bytes", self.max_inflight_bytes),
+        ]
+
+    def overall_deadline_s(self, total_bytes: int) -> float:
+        return self.deadline_base_s + total_bytes / self.deadline_min_rate
+
+    @property
+    def keepalive_s(self) -> float:
+        """Sender pings this often when it has nothing to send, so the receiver's idle clock
+        measures a dead peer, not a slow producer."""
+        return self.idle_timeout_s / 4

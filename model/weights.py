@@ -1,0 +1,328 @@
+"""Load the weights of an HF DeepSeek-V3 / Kimi-K2 checkpoint directory.
+
+Reads ``model.safetensors`` or the shards named by ``model.safetensors.index.json``, memory-mapped
+(``safetensors.safe_open``), and only the tensors this process needs: with ``expert_ids`` only
+those routed experts are read (expert parallelism: other ranks' experts are never touched, their
+shards are not even opened unless they hold something else we need). Tensors of layers past
+``num_hidden_layers`` (the MTP layer real checkpoints carry) are never read.
+
+Block-FP8 checkpoints (DeepSeek-V3 / Kimi-K2 as shipped) store every linear layer of the decoder
+as e4m3 with an fp32 ``<name>_scale_inv`` per 128x128 block,
+``w[i, j] = q[i, j] * scale_inv[i // 128, j // 128]``; they are dequantised at load unless
+``keep_fp8`` asks for the raw pair (for an FP8 GEMM).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from model.config import ConfigError, ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_SUFFIX = "_scale_inv"
+_ATTN_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+class WeightsError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file and tensor."""
+
+
+# ---- the names and shapes of a checkpoint ------------------------------------------------------
+def _mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.gate_proj.weight": (inter, hidden),
+        f"{prefix}.up_proj.weight": (inter, hidden),
+        f"{prefix}.down_proj.weight": (hidden, inter),
+    }
+
+
+def _attention_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    r = cfg.kv_lora_rank
+    shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.q_lora_rank is None:
+        shapes[f"{p}.q_proj.weight"] = (n * cfg.qk_head_dim, h)
+    else:
+        shapes[f"{p}.q_a_proj.weight"] = (cfg.q_lora_rank, h)
+        shapes[f"{p}.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+        shapes[f"{p}.q_b_proj.weight"] = (n * cfg.qk_head_dim, cfg.q_lora_rank)
+    shapes[f"{p}.kv_a_proj_with_mqa.weight"] = (r + cfg.qk_rope_head_dim, h)
+    shapes[f"{p}.kv_a_layernorm.weight"] = (r,)
+    shapes[f"{p}.kv_b_proj.weight"] = (n * (cfg.qk_nope_head_dim + cfg.v_head_dim), r)
+    shapes[f"{p}.o_proj.weight"] = (h, n * cfg.v_head_dim)
+    return shapes
+
+
+def _check_expert_ids(cfg: ModelConfig, expert_ids: list[int] | None) -> list[int]:
+    if expert_ids is None:
+        return list(range(cfg.n_routed_experts))
+    ids = sorted(set(int(e) for e in expert_ids))
+    bad = [e for e in ids if not 0 <= e < cfg.n_routed_experts]
+    if bad:
+        raise WeightsError(
+            f"expert_ids {bad} out of range: the model has {cfg.n_routed_experts} routed experts"
+        )
+    return ids
+
+
+def expected_shapes(
+    config: ModelConfig, expert_ids: list[int] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a forward pass needs -> its logical (dequantised) shape, in file order.
+
+    With ``expert_ids`` the routed experts are restricted to those ids (router, bias and shared
+    experts are always included). ``lm_head.weight`` is left out when embeddings are tied.
+    """
+    cfg, h = config, config.hidden_size
+    experts = _check_expert_ids(cfg, expert_ids)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (h,)
+        shapes.update(_attention_shapes(cfg, f"{p}.self_attn"))
+        shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        if not cfg.is_moe_layer(i):
+            shapes.update(_mlp_shapes(f"{p}.mlp", h, cfg.intermediate_size))
+            continue
+        shapes[f"{p}.mlp.gate.weight"] = (cfg.n_routed_experts, h)
+        shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+        for e in experts:
+            shapes.update(_mlp_shapes(f"{p}.mlp.experts.{e}", h, cfg.moe_intermediate_size))
+        if cfg.n_shared_experts:
+            inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+            shapes.update(_mlp_shapes(f"{p}.mlp.shared_experts", h, inter))
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def is_fp8_linear(name: str) -> bool:
+    """Whether a block-FP8 checkpoint stores this tensor as e4m3 + ``_scale_inv``.
+
+    All decoder linear layers (attention, dense MLP, routed and shared experts); never the
+    embeddings, lm_head, norms, the router gate or its bias.
+    """
+    if not name.startswith("model.layers.") or not name.endswith(".weight"):
+        return False
+    module = name.rsplit(".", 2)[-2]
+    if module in _ATTN_LINEARS:
+        return True
+    return module in ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer index a tensor belongs to (None for embeddings, final norm, lm_head)."""
+    if not name.startswith("model.layers."):
+        return None
+    return int(name.split(".", 3)[2])
+
+
+# ---- block FP8 -----------------------------------------------------------------------------------
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = (128, 128)) -> tuple[int, int]:
+    """``[ceil(out / 128), ceil(in / 128)]``: one fp32 scale per weight block."""
+    return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
+
+
+def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """[out, in] -> [rows, bo, cols, bi], zero-padding a partial last block row/column."""
+    rows, cols = scale_shape(tuple(x.shape), block)
+    pad_in, pad_out = cols * block[1] - x.shape[1], rows * block[0] - x.shape[0]
+    if pad_in or pad_out:
+        x = torch.nn.functional.pad(x, (0, pad_in, 0, pad_out))
+    return x.reshape(rows, block[0], cols, block[1])
+
+
+def _unblock(b: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    rows, bo, cols, bi = b.shape
+    return b.reshape(rows * bo, cols * bi)[: shape[0], : shape[1]].contiguous()
+
+
+def quantize_block_fp8(
+    w: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (e4m3 [out, in], fp32 scale_inv [ceil(out/bo), ceil(in/bi)]).
+
+    Each block is scaled so its largest magnitude maps to 448, the e4m3 maximum.
+    """
+    b = _blocks(w.float(), block)  # [rows, bo, cols, bi]
+    amax = b.abs().amax(dim=(1, 3))  # [rows, cols]
+    scale_inv = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (b / scale_inv[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return _unblock(q, tuple(w.shape)), scale_inv
+
+
+def dequantize_block_fp8(
+    q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
+    """(e4m3 [out, in], fp32 [ceil(out/bo), ceil(in/bi)]) -> fp32 [out, in]."""
+    b = _blocks(q.float(), block)
+    return _unblock(b * scale_inv.float()[:, None, :, None], tuple(q.shape))
+
+
+# ---- reading files -----------------------------------------------------------------------------
+def weight_map(model_dir: str | Path) -> dict[str, str]:
+    """Tensor name -> file name, from the index, or from the keys of a single-file checkpoint."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / INDEX_FILE
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+            mapping = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(
+                f"{index_path}: not a valid safetensors index (needs a 'weight_map' object): {e}"
+            ) from e
+        if not isinstance(mapping, dict):
+            raise WeightsError(f"{index_path}: 'weight_map' must map tensor names to file names")
+        return {str(k): str(v) for k, v in mapping.items()}
+    single = model_dir / SINGLE_FILE
+    if single.exists():
+        with _open(single) as f:
+            return {name: SINGLE_FILE for name in f.keys()}
+    raise WeightsError(
+        f"{model_dir}: no weights found; expected {SINGLE_FILE} or {INDEX_FILE} with its shards"
+    )
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(
+            f"{path}: cannot read safetensors file (truncated or corrupt?): {e}; "
+            "re-download or regenerate this file"
+        ) from e
+
+
+def _group_by_file(
+    model_dir: Path, names: list[str], mapping: dict[str, str]
+) -> dict[str, list[str]]:
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        file = mapping.get(name)
+        if file is None:
+            where = INDEX_FILE if (model_dir / INDEX_FILE).exists() else SINGLE_FILE
+            raise WeightsError(
+                f"{model_dir / where}: missing tensor {name!r}; the checkpoint does not match "
+                "config.json (wrong model directory or an incomplete download?)"
+            )
+        by_file.setdefault(file, []).append(name)
+    for file in by_file:
+        if not (model_dir / file).exists():
+            raise WeightsError(
+                f"{model_dir / INDEX_FILE}: names shard {file!r}, which does not exist in "
+                f"{model_dir}; the download is incomplete"
+            )
+    return by_file
+
+
+def _read(f, path: Path, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+    if name not in f.keys():
+        raise WeightsError(
+            f"{path}: missing tensor {name!r} (the index says it is in this file); "
+            "the shard does not match its index"
+        )
+    try:
+        actual = tuple(f.get_slice(name).get_shape())
+        if shape is not None and actual != tuple(shape):
+            raise WeightsError(
+                f"{path}: tensor {name!r} has shape {list(actual)}, expected {list(shape)} "
+                "from config.json; the checkpoint and config do not match"
+            )
+        return f.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise WeightsError(f"{path}: cannot read tensor {name!r} (truncated or corrupt?): {e}") from e
+
+
+def _read_files(
+    model_dir: Path,
+    by_file: dict[str, list[str]],
+    shapes: dict[str, tuple[int, ...]],
+    fp8_names: set[str],
+    block: tuple[int, int],
+) -> dict[str, torch.Tensor]:
+    raw: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        path = model_dir / file
+        with _open(path) as f:
+            for name in names:
+                if name.endswith(SCALE_SUFFIX):
+                    weight_shape = shapes[name[: -len(SCALE_SUFFIX)]]
+                    raw[name] = _read(f, path, name, scale_shape(weight_shape, block))
+                else:
+                    raw[name] = _read(f, path, name, shapes[name])
+                    if name in fp8_names and raw[name].dtype != torch.float8_e4m3fn:
+                        raise WeightsError(
+                            f"{path}: tensor {name!r} is {raw[name].dtype}, expected "
+                            "float8_e4m3fn (config.json declares a block-FP8 checkpoint)"
+                        )
+    return raw
+
+
+def load_state_dict(
+    model_dir: str | Path,
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    expert_ids: list[int] | None = None,
+    keep_fp8: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Read the tensors ``expected_shapes(config, expert_ids)`` names, in ``dtype`` on ``device``.
+
+    ``e_score_correction_bias`` is always fp32. For a block-FP8 checkpoint the linear weights
+    are dequantised (``q * scale_inv`` per block) unless ``keep_fp8``, which returns the e4m3
+    weight and its fp32 ``<name>_scale_inv`` as stored. Raises ``WeightsError`` naming the file
+    and tensor for a missing tensor or shard, a wrong shape or dtype, or an unreadable file.
+    """
+    model_dir = Path(model_dir)
+    shapes = expected_shapes(config, expert_ids)
+    block = config.fp8_block_size
+    fp8_names = {n for n in shapes if config.is_fp8_checkpoint and is_fp8_linear(n)}
+    names = [*shapes, *(n + SCALE_SUFFIX for n in fp8_names)]
+    by_file = _group_by_file(model_dir, names, weight_map(model_dir))
+    raw = _read_files(model_dir, by_file, shapes, fp8_names, block)
+    out: dict[str, torch.Tensor] = {}
+    for name in shapes:
+        t = raw[name]
+        if name.endswith("e_score_correction_bias"):
+            out[name] = t.to(device=device, dtype=torch.float32)
+        elif name in fp8_names:
+            scale = raw[name + SCALE_SUFFIX].float()
+            if keep_fp8:
+                out[name] = t.to(device)
+                out[name + SCALE_SUFFIX] = scale.to(device)
+            else:
+                out[name] = dequantize_block_fp8(t, scale, block).to(device=device, dtype=dtype)
+        else:
+            out[name] = t.to(device=device, dtype=dtype)
+    if config.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def load_model_dir(
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    expert_ids: list[int] | None = None,
+    keep_fp8: bool = False,
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """``config.json`` + weights of a model directory; config problems become ``WeightsError``."""
+    try:
+        config = ModelConfig.from_json(Path(model_dir) / "config.json")
+    except ConfigError as e:
+        raise WeightsError(str(e)) from e
+    state = load_state_dict(
+        model_dir, config, dtype=dtype, device=device, expert_ids=expert_ids, keep_fp8=keep_fp8
+    )
+    return config, state

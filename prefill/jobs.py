@@ -1,0 +1,88 @@
+"""Typed messages of the prefill stage: the job it takes, the result it returns, its config/stats.
+
+These cross the Ray actor boundary (ingress -> prefill worker), so they are frozen dataclasses of
+plain values; no tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.sampling import SamplingParams
+
+WIRE_FORMATS = ("bf16", "fp8", "fp32")
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    """Prefill one prompt and stream its KV to a decode receiver.
+
+    ``kv_address`` is the decode receiver's "host:port" (from ``DecodeStage.reserve``); ``None``
+    computes the KV without sending it (benchmarks, warm-up). ``kv_format`` is the wire format.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+    kv_address: str | None = None
+    kv_format: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError(f"request {self.request_id!r}: prompt_ids is empty; send >= 1 token")
+        if self.kv_format not in WIRE_FORMATS:
+            raise ValueError(
+                f"request {self.request_id!r}: kv_format {self.kv_format!r} is not one of "
+                f"{WIRE_FORMATS}"
+            )
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """Outcome of a prefill. ``error`` set means the KV did not reach decode: re-route."""
+
+    request_id: str
+    first_token_id: int  # -1 when error is set
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    error: str | None = None
+
+    @property
+    def is_ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """How one prefill instance schedules work.
+
+    ``token_budget``: prompt tokens computed per ``step()`` (a long prompt spans several steps;
+    several short prompts share one). ``enable_prefix_cache``: keep full KV pages of finished
+    prompts, keyed by chained block hashes, and reuse them for prompts that share the prefix.
+    Transfer deadlines and sizes are ``kvtransfer.TransferConfig``.
+    """
+
+    token_budget: int = 2048
+    enable_prefix_cache: bool = True
+    throughput_halflife_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
+
+
+@dataclass(frozen=True)
+class PrefillStats:
+    """What the scheduler reads to route prompts to this instance."""
+
+    num_queued: int  # jobs waiting or in progress
+    num_queued_tokens: int  # prompt tokens still to compute (cached prefix excluded)
+    num_cached_blocks: int
+    cached_block_hashes: tuple[int, ...]  # chained hashes of the cached full blocks
+    num_free_pages: int
+    num_used_pages: int
+    num_prompt_tokens: int  # lifetime totals
+    num_cached_tokens: int
+    num_completed: int
+    num_failed: int
+    tokens_per_s: float | None  # recent prompt tokens computed per busy second (None: no data)

@@ -1,0 +1,309 @@
+"""The prefill stage: chunked prefill with a prefix cache, streaming each layer's KV to decode.
+
+One request:
+1. ``submit(job)`` queues it (any thread) and returns a future.
+2. A ``step()`` (the worker's loop thread) reaches it: pages are allocated, sharing the pages of
+   the longest cached prefix; a KV sink opens to the job's decode receiver and the cached
+   prefix's KV is sent first (decode needs the full KV).
+3. Steps compute the uncached suffix ``token_budget`` tokens at a time (a long prompt spans
+   steps; short prompts share one); after each layer of each chunk the new KV is sent at once.
+4. The last chunk's logits give the first token; the sink is closed (the receiver confirms the
+   complete, verified KV); the prompt's full blocks enter the prefix cache; the sequence's own
+   page references are freed; the future resolves with a ``PrefillResult``.
+A send failure, an engine error or ``cancel`` resolves the future with ``error`` set and frees
+the pages; the ingress re-routes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtransfer import TransferConfig
+from prefill.jobs import PrefillConfig, PrefillJob, PrefillResult, PrefillStats
+from prefill.meter import RateMeter
+from prefill.prefix_cache import PrefixCache, allocate_sequence
+from prefill.sampling import sample_token
+from prefill.sender import KVSink, KVSinks
+
+__all__ = ["PrefillConfig", "PrefillJob", "PrefillResult", "PrefillStage", "PrefillStats"]
+
+
+class _Cancelled(Exception):
+    """Raised inside ``on_layer`` to stop the engine mid-prefill for a cancelled job."""
+
+
+@dataclass
+class _Task:
+    """A job and how far it got."""
+
+    job: PrefillJob
+    future: Future[PrefillResult] = field(default_factory=Future)
+    is_started: bool = False  # pages allocated, sink open
+    num_cached: int = 0  # prompt tokens taken from the prefix cache
+    num_computed: int = 0  # prompt tokens whose KV is written (cached prefix included)
+    sink: KVSink | None = None
+    is_cancelled: bool = False
+    block_hashes: list[int] = field(default_factory=list)  # of the prompt's full blocks
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.job.prompt_ids)
+
+
+class PrefillStage:
+    """Chunked prefill for one instance. ``submit``/``cancel``/``stats`` are thread-safe;
+    ``step`` runs on one loop thread."""
+
+    def __init__(
+        self,
+        engine,
+        config: PrefillConfig = PrefillConfig(),
+        transfer: TransferConfig = TransferConfig(),
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.cache = engine.cache
+        self.allocator = self.cache.allocator
+        self._sinks = KVSinks(engine, transfer)
+        self._lock = threading.Lock()  # queue and task state
+        self._has_work = threading.Condition(self._lock)
+        self._cache_lock = threading.Lock()  # allocator + prefix cache
+        self._queue: deque[_Task] = deque()
+        self._tasks: dict[str, _Task] = {}
+        self._running: _Task | None = None  # the task inside an engine call right now
+        self.prefix_cache = PrefixCache(self.allocator) if config.enable_prefix_cache else None
+        self._throughput = RateMeter(config.throughput_halflife_s)
+        self._num_prompt_tokens = 0
+        self._num_cached_tokens = 0
+        self._num_completed = 0
+        self._num_failed = 0
+
+    # ---- API (any thread) -------------------------------------------------------------------
+    def submit(self, job: PrefillJob) -> Future[PrefillResult]:
+        """Queue a job; a job that cannot run resolves at once with ``error`` set."""
+        task = _Task(job)
+        if self.prefix_cache is not None:  # hashed here, on the caller's thread, once
+            task.block_hashes = self.prefix_cache.hashes_of(job.prompt_ids)
+        max_tokens = self.allocator.num_pages * self.allocator.page_size
+        if len(job.prompt_ids) > max_tokens:
+            self._resolve(
+                task,
+                error=f"prompt of {len(job.prompt_ids)} tokens exceeds this instance's "
+                f"{max_tokens}-token KV cache; raise num_pages or route elsewhere",
+            )
+            return task.future
+        with self._lock:
+            if job.request_id in self._tasks:
+                raise ValueError(f"request {job.request_id!r} is already queued for prefill")
+            self._tasks[job.request_id] = task
+            self._queue.append(task)
+            self._has_work.notify_all()
+        return task.future
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a queued or running job and free its pages (idempotent)."""
+        with self._lock:
+            task = self._tasks.get(request_id)
+            if task is None or task.is_cancelled:
+                return
+            task.is_cancelled = True
+            if task is self._running:
+                return  # the step thread stops it at the next layer boundary and cleans up
+            self._queue.remove(task)
+            del self._tasks[request_id]
+        self._release(task, error="cancelled")
+
+    def stats(self) -> PrefillStats:
+        with self._lock:
+            tasks = list(self._queue)
+        with self._cache_lock:
+            queued_tokens = sum(
+                t.num_prompt
+                - (
+                    t.num_computed
+                    if t.is_started or self.prefix_cache is None
+                    else self.prefix_cache.peek(t.block_hashes, t.num_prompt)
+                )
+                for t in tasks
+            )
+            hashes = self.prefix_cache.block_hashes() if self.prefix_cache else frozenset()
+            num_free, num_used = self.allocator.num_free_pages, self.allocator.num_used_pages
+        return PrefillStats(
+            num_queued=len(tasks),
+            num_queued_tokens=queued_tokens,
+            num_cached_blocks=len(hashes),
+            cached_block_hashes=tuple(hashes),
+            num_free_pages=num_free,
+            num_used_pages=num_used,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_cached_tokens=self._num_cached_tokens,
+            num_completed=self._num_completed,
+            num_failed=self._num_failed,
+            tokens_per_s=self._throughput.rate,
+        )
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until a job is queued (or ``timeout_s`` passes); for the loop thread after
+        ``step()`` returned False. True if there is work."""
+        with self._has_work:
+            if not self._queue:
+                self._has_work.wait(timeout_s)
+            return bool(self._queue)
+
+    def close(self) -> None:
+        """Fail every queued job, drop the prefix cache, close the transfer channels."""
+        with self._lock:
+            tasks = [t for t in self._queue if t is not self._running]
+        for task in tasks:
+            self.cancel(task.job.request_id)
+        if self.prefix_cache is not None:
+            with self._cache_lock:
+                self.prefix_cache.clear()
+        self._sinks.close()
+
+    # ---- the loop (one thread) --------------------------------------------------------------
+    def step(self) -> bool:
+        """Compute up to ``token_budget`` prompt tokens, oldest job first. True if any work."""
+        budget = self.config.token_budget
+        did_work = False
+        t0 = time.perf_counter()
+        while budget > 0:
+            task = self._next_task()
+            if task is None:
+                break
+            try:
+                if not task.is_started and not self._start(task):
+                    break  # no pages yet: the oldest job waits, and so does everyone behind it
+                budget -= self._advance(task, budget)
+                did_work = True
+            finally:
+                self._settle(task)
+        if did_work:
+            self._throughput.add(self.config.token_budget - budget, time.perf_counter() - t0)
+        return did_work
+
+    def _next_task(self) -> _Task | None:
+        with self._lock:
+            task = self._queue[0] if self._queue else None
+            self._running = task
+            return task
+
+    def _settle(self, task: _Task) -> None:
+        """After the step thread let go of a task: finish it if it was cancelled meanwhile."""
+        with self._lock:
+            self._running = None
+            is_cancelled = task.is_cancelled and not task.future.done()
+        if is_cancelled:
+            self._finish(task, error="cancelled")
+
+    def _start(self, task: _Task) -> bool:
+        """Allocate pages (sharing the cached prefix), open the sink, send the cached prefix."""
+        job = task.job
+        with self._cache_lock:
+            num_cached = allocate_sequence(
+                self.allocator,
+                self.prefix_cache,
+                job.request_id,
+                task.num_prompt,
+                task.num_prompt,
+                task.block_hashes,
+            )
+        if num_cached is None:
+            return False
+        task.is_started = True
+        task.num_cached = task.num_computed = num_cached
+        try:
+            task.sink = self._sinks.open(job, task.num_prompt) if job.kv_address else None
+            if task.sink is not None and num_cached > 0:
+                for layer in range(self.cache.num_layers):
+                    records = self.cache.export_layer(job.request_id, layer, 0, num_cached)
+                    task.sink.send_layer(layer, 0, num_cached, records)
+        except Exception as e:  # a transfer failure is an answer, not a crash
+            self._finish(task, error=f"KV transfer to {job.kv_address} failed: {e}")
+        return True
+
+    def _advance(self, task: _Task, budget: int) -> int:
+        """Compute the next chunk of a started task (at most ``budget`` tokens)."""
+        if task.future.done():  # failed in _start
+            return 0
+        job = task.job
+        start = task.num_computed
+        end = min(task.num_prompt, start + budget)
+
+        def on_layer(layer: int, lo: int, hi: int) -> None:
+            if task.is_cancelled:
+                raise _Cancelled
+            if task.sink is not None:
+                task.sink.send_layer(
+                    layer, lo, hi, self.cache.export_layer(job.request_id, layer, lo, hi)
+                )
+
+        try:
+            logits = self.engine.prefill(
+                job.request_id, job.prompt_ids[start:end], start_pos=start, on_layer=on_layer
+            )
+            task.num_computed = end
+            if end == task.num_prompt:
+                self._complete(task, logits)
+        except _Cancelled:
+            self._finish(task, error="cancelled")
+        except Exception as e:
+            where = f"KV transfer to {job.kv_address}" if task.sink else "prefill"
+            self._finish(task, error=f"{where} failed: {type(e).__name__}: {e}")
+        return end - start
+
+    def _complete(self, task: _Task, logits: torch.Tensor) -> None:
+        first_token_id = sample_token(logits, task.job.sampling, 0)
+        if task.sink is not None:
+            task.sink.close()  # blocks until the receiver confirms the complete KV
+            task.sink = None
+        if self.prefix_cache is not None:
+            with self._cache_lock:
+                table = self.allocator.block_table(task.job.request_id)
+                self.prefix_cache.insert(task.block_hashes, table)
+        self._num_prompt_tokens += task.num_prompt
+        self._num_cached_tokens += task.num_cached
+        self._finish(task, first_token_id=first_token_id)
+
+    def _finish(self, task: _Task, first_token_id: int = -1, error: str | None = None) -> None:
+        with self._lock:
+            if self._tasks.get(task.job.request_id) is task:
+                del self._tasks[task.job.request_id]
+            if task in self._queue:
+                self._queue.remove(task)
+        self._release(task, first_token_id, error)
+
+    def _release(self, task: _Task, first_token_id: int = -1, error: str | None = None) -> None:
+        """Abort the sink on error, free the sequence's pages, resolve the future."""
+        if task.sink is not None:
+            try:
+                task.sink.abort(error or "aborted")
+            except Exception:  # the sink is already broken; nothing more to tell the peer
+                pass
+            task.sink = None
+        with self._cache_lock:
+            self.allocator.free(task.job.request_id)
+        if error is not None:
+            self._num_failed += 1
+        else:
+            self._num_completed += 1
+        self._resolve(task, first_token_id, error)
+
+    def _resolve(self, task: _Task, first_token_id: int = -1, error: str | None = None) -> None:
+        if task.future.done():
+            return
+        task.future.set_result(
+            PrefillResult(
+                request_id=task.job.request_id,
+                first_token_id=first_token_id if error is None else -1,
+                num_prompt_tokens=task.num_prompt,
+                num_cached_tokens=task.num_cached,
+                error=error,
+            )
+        )

@@ -1,0 +1,118 @@
+"""Fixtures of the end-to-end tests: a tidal deployment on the session's Ray, real HTTP.
+
+One Serve instance (HTTP on a free port) for the session; each test module deploys its own
+application with ``deploy(settings)`` (module-scoped fixture) and deletes it at the end, so
+modules never share pool state. Offline greedy references come from an engine in the test
+process with the workers' engine settings.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+MODEL_NAME = "k2-tiny"
+# Small enough for two cores: fractional CPUs so 4 instances fit, small chunks and budgets.
+BASE_SETTINGS: dict[str, Any] = {
+    "model_name": MODEL_NAME,
+    "cpus_per_rank": 0.25,
+    "num_pages": 256,  # 16,384 tokens of KV per worker
+    "decode_local_threshold": 0,  # every prompt through the prefill pool in 1P+1D tests
+    "health_interval_s": 0.5,
+    "report_interval_s": 0.1,
+    "drain_timeout_s": 60.0,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_session) -> Iterator[str]:
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@contextmanager
+def deployed(serve_url: str, model_dir: Any, name: str, **overrides: Any) -> Iterator[str]:
+    """Deploy an application with ``BASE_SETTINGS | overrides``, wait for /health, delete it
+    afterwards; yields the base URL."""
+    from ray import serve
+
+    from cluster.app import build_app_from_config
+    from cluster.serve import wait_healthy
+    from cluster.settings import ServeSettings
+
+    settings = ServeSettings(**{**BASE_SETTINGS, "model": str(model_dir), "name": name, **overrides})
+    serve.run(build_app_from_config(settings.to_config()), name=name, route_prefix="/")
+    try:
+        wait_healthy(serve_url, 240.0)
+        yield serve_url
+    finally:
+        workers = list(pool_handle(name).handles.remote().result().values())
+        serve.delete(name)
+        _wait_dead(workers)
+
+
+def pool_handle(app_name: str) -> Any:
+    """The application's pool manager (a Serve deployment handle)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("PoolManager", app_name)
+
+
+def _wait_dead(workers: list[Any], timeout_s: float = 30.0) -> None:
+    """Deleting the app kills its workers; wait so the next module starts on a clean cluster."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    for w in workers:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(w.ping.remote(), timeout=5)
+            except Exception:
+                break
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def reference_engine(tiny_model_dir):
+    """The offline engine the served output must match token for token."""
+    from model import Engine
+
+    return Engine.load(tiny_model_dir)
+
+
+def offline_greedy(engine: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    return engine.generate(prompts, max_tokens)
+
+
+def pools(url: str) -> dict[str, Any]:
+    r = httpx.get(f"{url}/admin/pools", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.2, what: str = "condition"):
+    """Poll ``predicate()`` until it returns a truthy value; that value."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out waiting for {what}; last value {last!r}")

@@ -1,0 +1,182 @@
+"""PrefillStage -> kvtransfer (real gRPC on 127.0.0.1) -> DecodeStage on the real k2-tiny engine.
+
+Greedy tokens must equal ``engine.generate``; failures must end with a clear error and leave
+every page free on both instances.
+"""
+
+import threading
+import time
+
+import pytest
+from prefill_driver import drain, make_prompts, step_until_done
+
+from decode.jobs import DecodeConfig, DecodeJob
+from decode.stage import DecodeStage
+from kvtransfer import KVReceiver, TransferConfig, model_fingerprint
+from prefill.jobs import PrefillConfig, PrefillJob
+from prefill.stage import PrefillStage
+
+MAX_TOKENS = 6
+
+
+@pytest.fixture
+def pair(prefill_engine, decode_engine):
+    """(prefill stage, decode stage, receiver); checks that no page leaks."""
+    fingerprint = model_fingerprint(decode_engine.config, decode_engine.cache.fmt)
+    receiver = KVReceiver(decode_engine.cache, fingerprint, config=TransferConfig(lease_s=5.0))
+    receiver.start()
+    prefill = PrefillStage(prefill_engine, PrefillConfig(token_budget=40))
+    decode = DecodeStage(decode_engine, DecodeConfig(), receiver)
+    decode_free = decode_engine.cache.allocator.num_free_pages
+    prefill_free = prefill_engine.cache.allocator.num_free_pages
+    yield prefill, decode, receiver
+    prefill.close()
+    decode.close()
+    receiver.stop()
+    assert decode_engine.cache.allocator.num_free_pages == decode_free, "decode pages leaked"
+    assert prefill_engine.cache.allocator.num_free_pages == prefill_free, "prefill pages leaked"
+
+
+def serve_one(prefill, decode, rid, prompt, max_tokens=MAX_TOKENS, lease_s=5.0):
+    """The ingress's sequence for one request, with both stages stepped on this thread."""
+    address = decode.reserve(rid, len(prompt) + max_tokens, lease_s)
+    result = step_until_done(prefill, prefill.submit(PrefillJob(rid, prompt, kv_address=address)))
+    if result.error is None:
+        decode.start(
+            DecodeJob(rid, prompt, result.first_token_id, max_tokens=max_tokens, ignore_eos=True)
+        )
+    return result
+
+
+def test_disaggregated_matches_generate(pair, prefill_engine):
+    prefill, decode, _ = pair
+    # 150 tokens: 10 engine chunks of 16, four 40-token prefill steps
+    prompts = make_prompts(prefill_engine.config.vocab_size, [3, 37, 150], seed=21)
+    expected = prefill_engine.generate(prompts, MAX_TOKENS)
+    for i, p in enumerate(prompts):
+        result = serve_one(prefill, decode, f"d{i}", p)
+        assert result.error is None and result.num_prompt_tokens == len(p)
+        assert result.first_token_id == expected[i][0]
+        decode.step()  # the earlier requests keep decoding while the next one is prefilled
+    drain(decode)
+    for i, want in enumerate(expected):
+        out = decode.poll(f"d{i}", 0, timeout_s=0)
+        assert (out.token_ids, out.finish_reason, out.error) == (want, "length", None)
+
+
+def test_prefix_cache_hit_gives_identical_output(pair, prefill_engine):
+    prefill, decode, _ = pair
+    vocab = prefill_engine.config.vocab_size
+    system = make_prompts(vocab, [50], seed=22)[0]  # 3 full 16-token pages + 2 tokens
+    prompts = [system + tail for tail in make_prompts(vocab, [9, 4], seed=23)]
+    expected = prefill_engine.generate(prompts, MAX_TOKENS)
+    first = serve_one(prefill, decode, "p0", prompts[0])
+    second = serve_one(prefill, decode, "p1", prompts[1])
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 48
+    stats = prefill.stats()
+    assert stats.num_cached_tokens >= 48 and stats.num_cached_blocks >= 3
+    drain(decode)
+    for rid, want in zip(["p0", "p1"], expected, strict=True):
+        assert decode.poll(rid, 0, timeout_s=0).token_ids == want
+
+
+def test_stages_on_loop_threads(pair, prefill_engine):
+    """The worker's threading: each stage stepped by its own loop thread, requests arriving
+    concurrently from other threads, the receiver writing from gRPC threads."""
+    prefill, decode, _ = pair
+    prompts = make_prompts(prefill_engine.config.vocab_size, [20, 64, 90, 5], seed=24)
+    expected = prefill_engine.generate(prompts, MAX_TOKENS)
+    stop = threading.Event()
+
+    def loop(stage):
+        while not stop.is_set():
+            if not stage.step():
+                time.sleep(0.001)
+
+    loops = [threading.Thread(target=loop, args=(s,), daemon=True) for s in (prefill, decode)]
+    for t in loops:
+        t.start()
+    outputs: dict[str, list[int]] = {}
+
+    def client(i, prompt):
+        rid = f"t{i}"
+        address = decode.reserve(rid, len(prompt) + MAX_TOKENS, 5.0)
+        result = prefill.submit(PrefillJob(rid, prompt, kv_address=address)).result(60)
+        assert result.error is None, result.error
+        decode.start(
+            DecodeJob(rid, prompt, result.first_token_id, max_tokens=MAX_TOKENS, ignore_eos=True)
+        )
+        tokens, cursor = [], 0
+        while True:
+            batch = decode.poll(rid, cursor, timeout_s=30)
+            tokens += batch.token_ids
+            cursor = batch.cursor
+            if batch.finished:
+                break
+        outputs[rid] = tokens
+
+    clients = [threading.Thread(target=client, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(120)
+    stop.set()
+    for t in loops:
+        t.join(10)
+    assert outputs == {f"t{i}": want for i, want in enumerate(expected)}
+
+
+def test_dead_receiver_is_an_error_without_leak(pair, prefill_engine):
+    prefill, _, _ = pair
+    job = PrefillJob("dead", [5, 6, 7, 8], kv_address="127.0.0.1:1")
+    result = step_until_done(prefill, prefill.submit(job))
+    assert result.first_token_id == -1
+    assert "KV transfer to 127.0.0.1:1 failed" in result.error
+    assert prefill.stats().num_failed == 1
+
+
+def test_expired_reservation_fails_both_sides(pair, prefill_engine, decode_engine):
+    prefill, decode, _ = pair
+    free_before = decode_engine.cache.allocator.num_free_pages
+    prompt = make_prompts(prefill_engine.config.vocab_size, [30], seed=25)[0]
+    address = decode.reserve("late", len(prompt) + MAX_TOKENS, lease_s=0.1)
+    assert decode_engine.cache.allocator.num_free_pages < free_before
+    deadline = time.monotonic() + 10
+    while decode_engine.cache.allocator.num_free_pages < free_before:
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.02)
+    result = step_until_done(
+        prefill, prefill.submit(PrefillJob("late", prompt, kv_address=address))
+    )
+    assert "no_reservation" in result.error
+    decode.start(DecodeJob("late", prompt, 1, max_tokens=MAX_TOKENS))
+    out = decode.poll("late", 0, timeout_s=0)
+    assert out.finished and out.token_ids == [] and "lease_expired" in out.error
+
+
+def test_cancel_during_transfer_aborts_it(pair, prefill_engine, decode_engine):
+    prefill, decode, receiver = pair
+    prompt = make_prompts(prefill_engine.config.vocab_size, [120], seed=26)[0]
+    address = decode.reserve("c", len(prompt) + MAX_TOKENS, 5.0)
+    future = prefill.submit(PrefillJob("c", prompt, kv_address=address))
+    prefill.step()  # 40 of 120 tokens computed and sent
+    assert not future.done() and receiver.num_pending == 1
+    decode.cancel("c")  # the client went away: decode drops the reservation
+    result = step_until_done(prefill, future)
+    assert result.error is not None and "cancelled" in result.error
+    assert receiver.num_pending == 0
+
+
+def test_prefill_cancel_frees_pages(pair, prefill_engine):
+    prefill, _, _ = pair
+    prompts = make_prompts(prefill_engine.config.vocab_size, [100, 10], seed=27)
+    running = prefill.submit(PrefillJob("run", prompts[0]))
+    queued = prefill.submit(PrefillJob("queued", prompts[1]))
+    prefill.step()  # "run" holds pages, 40 of 100 tokens done
+    assert prefill.stats().num_queued_tokens == 60 + 10
+    prefill.cancel("queued")
+    prefill.cancel("run")
+    prefill.cancel("run")
+    assert running.result(0).error == "cancelled" and queued.result(0).error == "cancelled"
+    assert not prefill.step()
