@@ -138,9 +138,11 @@ class ReceiverProcess:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def source_cache(num_layers: int, num_tokens: int, seq_id: str = "src") -> PagedLatentCache:
-    """A bf16 prefill cache holding random latent KV for one sequence."""
-    cache = PagedLatentCache(num_layers, K2_RANK, K2_ROPE, -(-num_tokens // PAGE), PAGE, "bf16")
+def source_cache(
+    num_layers: int, num_tokens: int, fmt: str = "bf16", seq_id: str = "src"
+) -> PagedLatentCache:
+    """A prefill cache (bf16 or fp8) holding random latent KV for one sequence."""
+    cache = PagedLatentCache(num_layers, K2_RANK, K2_ROPE, -(-num_tokens // PAGE), PAGE, fmt)
     cache.allocator.allocate(seq_id, num_tokens)
     g = torch.Generator().manual_seed(0)
     for layer in range(num_layers):
@@ -180,42 +182,108 @@ def transfer(
 
 
 # ---- part 1: throughput -------------------------------------------------------------------------
+# (cache format at the prefill side, wire format, cache format at the decode side)
+PATHS = {
+    "bf16": ("bf16", "bf16", "bf16"),
+    "fp8": ("fp8", "fp8", "fp8"),  # both caches hold fp8: records travel as they are
+    "fp8_quantise_on_send": ("bf16", "fp8", "bf16"),  # CPU torch codec on both ends
+}
+
+
 def bench_throughput(sizes_mb: list[int], repeats: int) -> dict:
     cfg = k2_config()
     rows = []
     bpt16 = bytes_per_token("bf16", K2_RANK, K2_ROPE)
     for size in sizes_mb:
         tokens = int(size * MB) // (K2_LAYERS * bpt16)
-        src = source_cache(K2_LAYERS, tokens)
-        for wire_fmt in ("bf16", "fp8"):
-            rx = ReceiverProcess(wire_fmt, K2_LAYERS, tokens)
+        memcpy = memcpy_gbps(tokens * K2_LAYERS * bpt16)
+        raw = raw_grpc_gbps(tokens * K2_LAYERS * bpt16, BENCH_CONFIG.chunk_bytes)
+        sources: dict[str, PagedLatentCache] = {}
+        paths = list(PATHS) if size == sizes_mb[0] else ["bf16", "fp8"]
+        for path in paths:
+            src_fmt, wire_fmt, dst_fmt = PATHS[path]
+            if src_fmt not in sources:
+                sources[src_fmt] = source_cache(K2_LAYERS, tokens, src_fmt)
+            src = sources[src_fmt]
+            rx = ReceiverProcess(dst_fmt, K2_LAYERS, tokens)
             with KVSender(rx.address, model_fingerprint(cfg, wire_fmt), BENCH_CONFIG) as tx:
-                best, wire_bytes = float("inf"), 0
+                times, wire_bytes = [], 0
                 for i in range(repeats):
-                    seconds, wire_bytes = transfer(rx, tx, src, f"r{i}", wire_fmt)
-                    best = min(best, seconds)
+                    seconds, wire_bytes = transfer(rx, tx, src, f"{path}-{i}", wire_fmt)
+                    times.append(seconds)
             rx.close()
+            best = min(times)
             rows.append(
                 {
                     "size_mb": size,
-                    "wire_fmt": wire_fmt,
+                    "path": path,
+                    "formats": dict(
+                        zip(("prefill_cache", "wire", "decode_cache"), PATHS[path], strict=True)
+                    ),
                     "tokens": tokens,
                     "layers": K2_LAYERS,
                     "wire_bytes": wire_bytes,
-                    "seconds": best,
+                    "seconds_best": best,
+                    "seconds_all": times,
                     "wire_gbps": wire_bytes / best / 1e9,
                     "tokens_per_s": tokens / best,
-                    "memcpy_gbps": memcpy_gbps(tokens * K2_LAYERS * bpt16),
+                    "memcpy_gbps": memcpy,
+                    "raw_grpc_gbps": raw,
                 }
             )
-            r = rows[-1]
             print(
-                f"{size:6d} MB {wire_fmt:5s} {r['wire_gbps']:6.2f} GB/s on the wire  "
-                f"{r['tokens_per_s']:10.0f} tokens/s  memcpy {r['memcpy_gbps']:.2f} GB/s",
+                f"{size:6d} MB {path:22s} {wire_bytes / best / 1e9:6.2f} GB/s on the wire "
+                f"{tokens / best:9.0f} tokens/s | memcpy {memcpy:5.2f} GB/s, "
+                f"bare gRPC {raw:4.2f} GB/s",
                 flush=True,
             )
-        del src
+        del sources
     return {"rows": rows}
+
+
+def raw_grpc_gbps(nbytes: int, message_bytes: int) -> float:
+    """Bytes-only gRPC stream to a child process that answers each message (no checks, no
+    cache): what Python gRPC itself moves on this machine, best of 3."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-raw"], stdout=subprocess.PIPE, text=True
+    )
+    import grpc
+
+    address = proc.stdout.readline().strip()
+    payload = os.urandom(message_bytes)
+    count = max(1, nbytes // message_bytes)
+    best = float("inf")
+    with grpc.insecure_channel(address, options=BENCH_CONFIG.grpc_options()) as channel:
+        method = channel.stream_stream("/bench.Raw/Sink")
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in method(iter([payload] * count)):
+                pass
+            best = min(best, time.perf_counter() - t)
+    proc.kill()
+    proc.wait()
+    return count * message_bytes / best / 1e9
+
+
+def serve_raw() -> None:
+    """Child process for raw_grpc_gbps: one tiny answer per message received."""
+    from concurrent import futures
+
+    import grpc
+
+    def sink(frames, context):
+        for _ in frames:
+            yield b"k"
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=BENCH_CONFIG.grpc_options())
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Raw", {"Sink": grpc.stream_stream_rpc_method_handler(sink)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
 
 
 # ---- part 2: synthetic producer -----------------------------------------------------------------
@@ -226,17 +294,20 @@ def bench_overlap(tokens: int) -> dict:
     rx = ReceiverProcess("bf16", K2_LAYERS, tokens)
     out: dict = {"tokens": tokens, "layers": K2_LAYERS}
     with KVSender(rx.address, model_fingerprint(cfg, "bf16"), BENCH_CONFIG) as tx:
-        # one layer's transfer time, measured alone (warm channel), best of 3
-        layer_times = []
+        # one layer's transfer time at the link's throughput: a whole unpaced transfer / layers
+        bulk = []
         for i in range(3):
-            rx.call("reserve", f"one{i}", tokens)
-            tx.begin(f"one{i}", f"one{i}", tokens, K2_LAYERS, KVLayout.of(src))
+            rid = f"bulk{i}"
+            rx.call("reserve", rid, tokens)
             t = time.perf_counter()
-            tx.send_layer(0, 0, tokens, records[0])
-            tx._wait(lambda: tx._acked >= tx._seq, "bench: layer 0 acknowledged")
-            layer_times.append(time.perf_counter() - t)
-            tx.abort("bench: single-layer probe")  # the receiver frees the pages
-        t_layer = min(layer_times)
+            tx.begin(rid, rid, tokens, K2_LAYERS, KVLayout.of(src))
+            for layer in range(K2_LAYERS):
+                tx.send_layer(layer, 0, tokens, records[layer])
+            tx.end()
+            bulk.append(time.perf_counter() - t)
+            rx.call("wait", rid)
+        t_layer = sorted(bulk)[1] / K2_LAYERS
+        out["bulk_transfer_s"] = sorted(bulk)[1]
         out["layer_transfer_s"] = t_layer
         out["producer_period_s"] = t_layer
         for mode in ("streamed", "after_last_layer"):
@@ -324,10 +395,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     ap.add_argument("--json", type=Path, help="write results here")
+    ap.add_argument("--serve-raw", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--serve-receiver", nargs=3, metavar=("FMT", "LAYERS", "TOKENS"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
+    if args.serve_raw:
+        serve_raw()
+        return
     if args.serve_receiver:
         fmt, layers, tokens = args.serve_receiver
         serve_receiver(fmt, int(layers), int(tokens))
@@ -337,8 +412,8 @@ def main() -> None:
     sizes = [64, 256] if quick else [64, 1024]
     tp = bench_throughput(sizes, repeats=2 if quick else 3)
     big = [r for r in tp["rows"] if r["size_mb"] == sizes[-1]]
-    bf16 = next(r for r in big if r["wire_fmt"] == "bf16")
-    fp8 = next(r for r in big if r["wire_fmt"] == "fp8")
+    bf16 = next(r for r in big if r["path"] == "bf16")
+    fp8 = next(r for r in big if r["path"] == "fp8")
     ov = bench_overlap(4096 if quick else 16384)
     real_len = 1024 if quick else 16384
     real = bench_real_prefill(real_len)
@@ -347,6 +422,8 @@ def main() -> None:
         "loopback_gbps": bf16["wire_gbps"],
         "memcpy_gbps": bf16["memcpy_gbps"],
         "ratio_vs_memcpy": bf16["wire_gbps"] / bf16["memcpy_gbps"],
+        "raw_grpc_gbps": bf16["raw_grpc_gbps"],
+        "ratio_vs_raw_grpc": bf16["wire_gbps"] / bf16["raw_grpc_gbps"],
         "fp8_wire_bytes_ratio": fp8["wire_bytes"] / bf16["wire_bytes"],
         "fp8_tokens_per_s_ratio": fp8["tokens_per_s"] / bf16["tokens_per_s"],
         "exposed_over_layer_time": ov["exposed_over_layer_time"],

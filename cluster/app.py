@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import ClusterConfig
-from cluster.ingress import Ingress, app
+from cluster.ingress import Ingress
 from cluster.pool import PoolManager
 from cluster.settings import ServeSettings
 
@@ -36,7 +36,7 @@ def build_app_from_config(config: ClusterConfig, num_ingress_replicas: int = 1) 
         graceful_shutdown_timeout_s=5,
     ).bind(config)
     ingress = serve.deployment(
-        serve.ingress(app)(Ingress),
+        Ingress,
         name="Ingress",
         num_replicas=num_ingress_replicas,
         ray_actor_options={"num_cpus": 0},

@@ -87,13 +87,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is None and args.preset is None:
         parser.error("give --model DIR or --preset NAME")
     if args.colocated is not None and (args.prefill is not None or args.decode is not None):
-        parser.error("--colocated N runs mixed instances; do not combine it with --prefill/--decode")
+        parser.error(
+            "--colocated N runs mixed instances; do not combine it with --prefill/--decode"
+        )
     if (args.prefill is None) != (args.decode is None):
         parser.error("disaggregated serving needs both --prefill N and --decode M")
     try:
         from cluster.serve import run_from_args
     except ImportError as e:
-        print(f"tidal serve is unavailable: cluster.serve could not be imported ({e})", file=sys.stderr)
+        print(
+            f"tidal serve is unavailable: cluster.serve could not be imported ({e})",
+            file=sys.stderr,
+        )
         return 2
     result = run_from_args(args)
     return int(result or 0)

@@ -8,8 +8,6 @@ and the workers; here only HTTP, text and usage are handled. Errors use OpenAI's
 (cluster/errors.py).
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import time
@@ -20,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import ClusterConfig
@@ -57,175 +56,11 @@ async def _bug(_: Request, e: Exception) -> JSONResponse:
     return ApiError(500, f"internal error: {type(e).__name__}: {e}").to_response()
 
 
-class Ingress:
-    """Serve deployment body (``cluster.app`` applies ``serve.deployment`` and ``ingress``)."""
-
-    def __init__(self, config: ClusterConfig, pool: Any) -> None:
-        from model.config import ModelConfig
-        from model.tokenizer import Tokenizer
-
-        self.config = config
-        self.pool = pool
-        self.tokenizer = Tokenizer.load(config.engine.model_dir)
-        self.model_config = ModelConfig.from_json(f"{config.engine.model_dir}/config.json")
-        self.max_model_len = config.scheduler.max_model_len
-        self.metrics = IngressMetrics()
-        self._flow: Flow | None = None
-        self._tags = {"model": config.model_name}
-
-    # ---- OpenAI routes ----------------------------------------------------------------------
-    @app.get("/health")
-    async def health(self) -> JSONResponse:
-        state = await self.pool.health.remote()
-        return JSONResponse(state, status_code=200 if state["is_ready"] else 503)
-
-    @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.config.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "tidal",
-                    "root": self.config.engine.model_dir,
-                    "max_model_len": self.max_model_len,
-                }
-            ],
-        }
-
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
-        body = await self._parse(request, CompletionRequest)
-        if isinstance(body.prompt, str):
-            prompt_ids = self.tokenizer.encode(body.prompt)
-        else:
-            prompt_ids = list(body.prompt)
-            vocab = self.model_config.vocab_size
-            bad = next((t for t in prompt_ids if t >= vocab), None)
-            if bad is not None:
-                raise ApiError(400, f"prompt token id {bad} is out of range [0, {vocab})", param="prompt")
-        return await self._serve(body, prompt_ids, "completion", body.max_tokens)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Any:
-        body = await self._parse(request, ChatCompletionRequest)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        prompt_ids = self.tokenizer.encode(text)
-        return await self._serve(body, prompt_ids, "chat", body.max_new_tokens)
-
-    # ---- admin routes -----------------------------------------------------------------------
-    @app.get("/admin/pools")
-    async def pools(self) -> dict[str, Any]:
-        return await self.pool.snapshot.remote()
-
-    @app.post("/admin/pools")
-    async def resize(self, request: Request) -> dict[str, Any]:
-        body = await self._parse(request, ResizeRequest, check_model=False)
-        return await self._admin(self.pool.resize.remote(body.sizes()))
-
-    @app.post("/admin/move")
-    async def move(self, request: Request) -> dict[str, Any]:
-        body = await self._parse(request, MoveRequest, check_model=False)
-        return await self._admin(self.pool.move.remote(body.instance, body.role))
-
-    # ---- internals --------------------------------------------------------------------------
-    async def _admin(self, response: Any) -> dict[str, Any]:
-        try:
-            return await response
-        except ValueError as e:
-            raise ApiError(400, str(e).splitlines()[-1]) from e
-
-    async def _parse(self, request: Request, model: type[BaseModel], check_model: bool = True) -> Any:
-        """Body -> validated model: 413 too big, 400 not UTF-8 JSON, 422 invalid, 404 model."""
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise ApiError(413, f"request body exceeds the {limit}-byte limit")
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ApiError(400, f"request body is not valid UTF-8 (bad byte at offset {e.start})") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, f"the body must be a JSON object, got {type(obj).__name__}")
-        try:
-            body = model.model_validate(obj)
-        except ValidationError as e:
-            errors = e.errors(include_url=False)
-            param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
-            detail = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors
-            )
-            raise ApiError(422, detail, code="invalid_value", param=param) from None
-        if check_model and body.model != self.config.model_name:
-            raise ApiError(
-                404,
-                f"model {body.model!r} does not exist; this server serves {self.config.model_name!r}",
-                code="model_not_found",
-                param="model",
-            )
-        return body
-
-    async def _get_flow(self) -> Flow:
-        if self._flow is None:
-            scheduler = await self.pool.scheduler_handle.remote()
-            self._flow = Flow(self.config, scheduler, InstanceDirectory(self.pool))
-        return self._flow
-
-    async def _serve(
-        self, body: Any, prompt_ids: list[int], kind: str, max_tokens: int | None
-    ) -> Any:
-        if not prompt_ids:
-            raise ApiError(400, "the prompt is empty after tokenisation", param="prompt")
-        if max_tokens is None:
-            room = self.max_model_len - len(prompt_ids)
-            max_tokens = max(1, min(DEFAULT_MAX_TOKENS[kind], room))
-        prefix = "cmpl" if kind == "completion" else "chatcmpl"
-        gen = Generation(
-            request_id=f"{prefix}-{uuid.uuid4().hex}",
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            sampling=body.sampling(),
-            stop_token_ids=tuple(body.stop_token_ids),
-            ignore_eos=body.ignore_eos,
-        )
-        flow = await self._get_flow()
-        t0 = time.monotonic()
-        events = flow.generate(gen)
-        try:
-            first = await events.__anext__()  # placed, or ApiError (400/429/503) raised here
-        except ApiError as e:
-            self.metrics.requests.inc(1.0, {**self._tags, "outcome": str(e.status)})
-            if e.code is not None and e.status in (400, 429, 503):
-                self.metrics.rejects.inc(1.0, {"reason": e.code})
-            raise
-        assert isinstance(first, Started)
-        out = _Output(self, body, gen, kind, first.num_cached_tokens, t0)
-        if body.stream:
-            return StreamingResponse(
-                out.sse(events),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await out.json(events)
-
-
 class _Output:
     """One response being written: text, stop strings, usage, the OpenAI JSON shapes."""
 
     def __init__(
-        self, ingress: Ingress, body: Any, gen: Generation, kind: str, num_cached: int, t0: float
+        self, ingress: Any, body: Any, gen: Generation, kind: str, num_cached: int, t0: float
     ) -> None:
         self.ingress = ingress
         self.body = body
@@ -347,3 +182,177 @@ class _Output:
 
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+@serve.ingress(app)
+class Ingress:
+    """Serve deployment body (``cluster.app`` applies ``serve.deployment``). The FastAPI
+    wrapping is applied here, at import, so every replica that imports this module gets it."""
+
+    def __init__(self, config: ClusterConfig, pool: Any) -> None:
+        from model.config import ModelConfig
+        from model.tokenizer import Tokenizer
+
+        self.config = config
+        self.pool = pool
+        self.tokenizer = Tokenizer.load(config.engine.model_dir)
+        self.model_config = ModelConfig.from_json(f"{config.engine.model_dir}/config.json")
+        self.max_model_len = config.scheduler.max_model_len
+        self.metrics = IngressMetrics()
+        self._flow: Flow | None = None
+        self._tags = {"model": config.model_name}
+
+    # ---- OpenAI routes ----------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        state = await self.pool.health.remote()
+        return JSONResponse(state, status_code=200 if state["is_ready"] else 503)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tidal",
+                    "root": self.config.engine.model_dir,
+                    "max_model_len": self.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        body = await self._parse(request, CompletionRequest)
+        if isinstance(body.prompt, str):
+            prompt_ids = self.tokenizer.encode(body.prompt)
+        else:
+            prompt_ids = list(body.prompt)
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in prompt_ids if t >= vocab), None)
+            if bad is not None:
+                raise ApiError(
+                    400, f"prompt token id {bad} is out of range [0, {vocab})", param="prompt"
+                )
+        return await self._serve(body, prompt_ids, "completion", body.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        body = await self._parse(request, ChatCompletionRequest)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt_ids = self.tokenizer.encode(text)
+        return await self._serve(body, prompt_ids, "chat", body.max_new_tokens)
+
+    # ---- admin routes -----------------------------------------------------------------------
+    @app.get("/admin/pools")
+    async def pools(self) -> dict[str, Any]:
+        return await self.pool.snapshot.remote()
+
+    @app.post("/admin/pools")
+    async def resize(self, request: Request) -> dict[str, Any]:
+        body = await self._parse(request, ResizeRequest, check_model=False)
+        return await self._admin(self.pool.resize.remote(body.sizes()))
+
+    @app.post("/admin/move")
+    async def move(self, request: Request) -> dict[str, Any]:
+        body = await self._parse(request, MoveRequest, check_model=False)
+        return await self._admin(self.pool.move.remote(body.instance, body.role))
+
+    # ---- internals --------------------------------------------------------------------------
+    async def _admin(self, response: Any) -> dict[str, Any]:
+        try:
+            return await response
+        except ValueError as e:
+            raise ApiError(400, str(e).splitlines()[-1]) from e
+
+    async def _parse(
+        self, request: Request, model: type[BaseModel], check_model: bool = True
+    ) -> Any:
+        """Body -> validated model: 413 too big, 400 not UTF-8 JSON, 422 invalid, 404 model."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the {limit}-byte limit")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(413, f"request body exceeds the {limit}-byte limit")
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ApiError(
+                400, f"request body is not valid UTF-8 (bad byte at offset {e.start})"
+            ) from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ApiError(
+                400, f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(obj).__name__}")
+        try:
+            body = model.model_validate(obj)
+        except ValidationError as e:
+            errors = e.errors(include_url=False)
+            param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors
+            )
+            raise ApiError(422, detail, code="invalid_value", param=param) from None
+        if check_model and body.model != self.config.model_name:
+            raise ApiError(
+                404,
+                f"model {body.model!r} does not exist; this server serves {self.config.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
+        return body
+
+    async def _get_flow(self) -> Flow:
+        if self._flow is None:
+            scheduler = await self.pool.scheduler_handle.remote()
+            self._flow = Flow(self.config, scheduler, InstanceDirectory(self.pool))
+        return self._flow
+
+    async def _serve(
+        self, body: Any, prompt_ids: list[int], kind: str, max_tokens: int | None
+    ) -> Any:
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty after tokenisation", param="prompt")
+        if max_tokens is None:
+            room = self.max_model_len - len(prompt_ids)
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS[kind], room))
+        prefix = "cmpl" if kind == "completion" else "chatcmpl"
+        gen = Generation(
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            sampling=body.sampling(),
+            stop_token_ids=tuple(body.stop_token_ids),
+            ignore_eos=body.ignore_eos,
+        )
+        flow = await self._get_flow()
+        t0 = time.monotonic()
+        events = flow.generate(gen)
+        try:
+            first = await events.__anext__()  # placed, or ApiError (400/429/503) raised here
+        except ApiError as e:
+            self.metrics.requests.inc(1.0, {**self._tags, "outcome": str(e.status)})
+            if e.code is not None and e.status in (400, 429, 503):
+                self.metrics.rejects.inc(1.0, {"reason": e.code})
+            raise
+        assert isinstance(first, Started)
+        out = _Output(self, body, gen, kind, first.num_cached_tokens, t0)
+        if body.stream:
+            return StreamingResponse(
+                out.sse(events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await out.json(events)

@@ -62,9 +62,7 @@ async def start_instance(
     bundles = instance_bundles(pool, has_gpus)
     inst = Instance(instance_id, role)
     try:
-        inst.pg = await create_instance_group(
-            f"{config.name}/{instance_id}", bundles, timeout_s
-        )
+        inst.pg = await create_instance_group(f"{config.name}/{instance_id}", bundles, timeout_s)
         for rank, bundle in enumerate(bundles):
             inst.ranks.append(
                 make_rank_worker(

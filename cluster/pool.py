@@ -189,9 +189,7 @@ class PoolManager:
         grow: list[str] = []
         shrink: list[Instance] = []
         for role in ROLES:
-            live = [
-                i for i in self._instances.values() if i.role == role and i.state == SERVING
-            ]
+            live = [i for i in self._instances.values() if i.role == role and i.state == SERVING]
             n = self._targets[role] - len(live)
             grow += [role] * max(n, 0)
             shrink += live[::-1][: max(-n, 0)]  # newest first

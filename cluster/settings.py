@@ -107,7 +107,9 @@ class ServeSettings(BaseModel):
         )
 
         def pool(n: int, custom: dict[str, float]) -> PoolConfig:
-            res = RankResources(self.cpus_per_rank, self.gpus_per_rank, tuple(sorted(custom.items())))
+            res = RankResources(
+                self.cpus_per_rank, self.gpus_per_rank, tuple(sorted(custom.items()))
+            )
             return PoolConfig(n, 1, res)
 
         if self.colocated is not None:

@@ -97,6 +97,7 @@ class DecodeStats:
     num_reserved_unfilled_pages: int  # reserved for KV that has not fully arrived yet
     num_running: int  # sequences in the continuous batch
     num_waiting: int  # waiting for their transfer, for a slot or pages, or prefilling locally
+    num_queued_prefill_tokens: int  # prompt tokens still to prefill locally
     num_transferring: int  # reservations whose KV is still arriving
     max_batch_size: int
     batch_size: int  # sequences in the last decode step

@@ -87,7 +87,10 @@ class DecodeStage:
                 "prefill it here"
             )
         with self._lock:
-            if request_id in self._seqs or request_id in self._reserved:
+            old = self._reserved.get(request_id)
+            if old is not None and old[0].done() and old[0].future.exception() is not None:
+                del self._reserved[request_id]  # a failed attempt's leftover: nothing to free
+            elif request_id in self._seqs or old is not None:
                 raise ValueError(f"request {request_id!r} is already reserved or running here")
         reservation = self.receiver.reserve(request_id, num_tokens, lease_s)
         reservation.future.add_done_callback(lambda _: self._notify())
@@ -155,6 +158,10 @@ class DecodeStage:
         with self._lock:
             waiting = list(self._waiting)
             num_running, num_prefilling = len(self._running), len(self._prefilling)
+            local = [s for s in waiting if s.state is SeqState.WAITING_PAGES]
+            queued_prefill = sum(
+                s.prompt_len - s.num_computed for s in local + list(self._prefilling)
+            )
             pending = [r for r, _ in self._reserved.values() if not r.done()]
             pending += [
                 s.reservation
@@ -174,6 +181,7 @@ class DecodeStage:
             ),
             num_running=num_running,
             num_waiting=len(waiting) + num_prefilling,
+            num_queued_prefill_tokens=queued_prefill,
             num_transferring=len(pending),
             max_batch_size=self.config.max_batch_size,
             batch_size=self._batch_size,
@@ -239,7 +247,14 @@ class DecodeStage:
                     self._waiting.remove(seq)
                     self._running.append(seq)
                 elif seq.state is SeqState.WAITING_PAGES and not is_blocked:
-                    if self._local.allocate(seq):
+                    try:
+                        is_allocated = self._local.allocate(seq)
+                    except Exception as e:  # e.g. the id already holds pages: fail, free nothing
+                        self._detach(seq)
+                        error = f"cannot allocate KV pages: {type(e).__name__}: {e}"
+                        self._streams.finish(seq.request_id, "abort", error)
+                        continue
+                    if is_allocated:
                         seq.state = SeqState.PREFILLING
                         self._waiting.remove(seq)
                         self._prefilling.append(seq)

@@ -108,7 +108,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_routed_experts": 64,
         "num_experts_per_tok": 6,
         "max_position_embeddings": 65536,
-        "rope_scaling": {**_K2_TINY["rope_scaling"], "factor": 16.0, "original_max_position_embeddings": 4096},
+        "rope_scaling": {
+            **_K2_TINY["rope_scaling"],
+            "factor": 16.0,
+            "original_max_position_embeddings": 4096,
+        },
     },
     # DeepSeek-V3-style grouped routing: 4 groups of 4 experts, best 2 groups, top-4.
     "dsv3-tiny": {
@@ -161,7 +165,9 @@ def _shard_of(name: str, num_layers: int) -> int:
     return layer
 
 
-def _stored_tensors(name: str, shape: tuple[int, ...], seed: int, fp8: bool) -> dict[str, torch.Tensor]:
+def _stored_tensors(
+    name: str, shape: tuple[int, ...], seed: int, fp8: bool
+) -> dict[str, torch.Tensor]:
     w = init_tensor(name, shape, seed)
     if name.endswith("e_score_correction_bias"):
         return {name: w}
@@ -176,7 +182,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def write_weights(out_dir: Path, config: ModelConfig, *, fp8: bool, seed: int, sharded: bool) -> None:
+def write_weights(
+    out_dir: Path, config: ModelConfig, *, fp8: bool, seed: int, sharded: bool
+) -> None:
     """The safetensors files (+ index when sharded) for ``config``."""
     shapes = expected_shapes(config)
     num_shards = config.num_hidden_layers if sharded else 1
@@ -194,7 +202,10 @@ def write_weights(out_dir: Path, config: ModelConfig, *, fp8: bool, seed: int, s
         total_size += sum(_nbytes(t) for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, file))
     if sharded:
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": total_size},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -213,6 +224,9 @@ def make_model(
     config = ModelConfig.from_dict(raw, source=f"preset {preset}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A previous checkpoint here (other sharding, a Kimi tiktoken.model) would shadow this one.
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE, out / "tiktoken.model"]:
+        stale.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     generation = {
         "bos_token_id": raw["bos_token_id"],
@@ -220,7 +234,9 @@ def make_model(
         "do_sample": False,
         "max_length": raw["max_position_embeddings"],
     }
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(generation, indent=2, sort_keys=True) + "\n"
+    )
     specials = write_tokenizer_files(out, raw["vocab_size"])
     assert {specials[n] for n in (BOS, EOS, IM_END)} == set(_SPECIAL_IDS.values())
     write_weights(out, config, fp8=fp8, seed=seed, sharded=sharded)

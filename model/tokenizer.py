@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,26 @@ KIMI_PATTERN = "|".join(
         r"""\s+""",
     ]
 )
+
+
+# tiktoken's BPE is quadratic in the length of one pre-tokenised piece; a prompt that is one
+# 100K-character "word" would stall the ingress. Runs are cut into bounded slices first.
+MAX_RUN_CHARS = 25_000
+
+
+def _bounded_runs(text: str) -> list[str]:
+    """``text`` cut so no run of only-whitespace or only-non-whitespace exceeds MAX_RUN_CHARS."""
+    if len(text) <= MAX_RUN_CHARS:
+        return [text]
+    out, start, run_start = [], 0, 0
+    for i in range(1, len(text) + 1):
+        if i == len(text) or text[i].isspace() != text[i - 1].isspace():
+            run_start = i
+        elif i - run_start >= MAX_RUN_CHARS:
+            out.append(text[start:i])
+            start = run_start = i
+    out.append(text[start:])
+    return out
 
 
 class TokenizerError(ValueError):
@@ -92,7 +113,9 @@ class _TiktokenBackend(_Backend):
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as e:
-                raise TokenizerError(f"{path}:{lineno}: expected '<base64 token> <rank>': {e}")
+                raise TokenizerError(
+                    f"{path}:{lineno}: expected '<base64 token> <rank>': {e}"
+                ) from e
         self._specials = specials
         self._enc = tiktoken.Encoding(
             name=f"tidal:{path}",
@@ -101,12 +124,25 @@ class _TiktokenBackend(_Backend):
             special_tokens=specials,
         )
         self._vocab_size = max([*ranks.values(), *specials.values()]) + 1
+        self._known = {*ranks.values(), *specials.values()}
+        by_length = sorted(specials, key=len, reverse=True)  # longest first: no prefix wins
+        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in by_length) + ")")
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode(text, allowed_special="all", disallowed_special=())
+        ids: list[int] = []
+        for i, part in enumerate(self._special_re.split(text) if self._specials else [text]):
+            if i % 2:  # the capture group: a special token
+                ids.append(self._specials[part])
+                continue
+            for chunk in _bounded_runs(part):
+                ids.extend(self._enc.encode_ordinary(chunk))
+        return ids
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        return self._enc.decode_bytes(list(ids))
+        try:
+            return self._enc.decode_bytes(list(ids))
+        except KeyError:  # ids past the vocabulary (padded embedding rows) decode to nothing
+            return self._enc.decode_bytes([i for i in ids if i in self._known])
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._specials:

@@ -124,7 +124,7 @@ def learn_merges(num_merges: int) -> tuple[tuple[str, str], ...]:
     while len(merges) < num_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for w, parts in splits.items():
-            for pair in zip(parts, parts[1:]):
+            for pair in zip(parts, parts[1:], strict=False):
                 pairs[pair] += words[w]
         if not pairs:
             break
@@ -165,7 +165,9 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens(vocab_size)])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in special_tokens(vocab_size)]
+    )
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
     return tok
 

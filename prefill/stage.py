@@ -205,15 +205,19 @@ class PrefillStage:
     def _start(self, task: _Task) -> bool:
         """Allocate pages (sharing the cached prefix), open the sink, send the cached prefix."""
         job = task.job
-        with self._cache_lock:
-            num_cached = allocate_sequence(
-                self.allocator,
-                self.prefix_cache,
-                job.request_id,
-                task.num_prompt,
-                task.num_prompt,
-                task.block_hashes,
-            )
+        try:
+            with self._cache_lock:
+                num_cached = allocate_sequence(
+                    self.allocator,
+                    self.prefix_cache,
+                    job.request_id,
+                    task.num_prompt,
+                    task.num_prompt,
+                    task.block_hashes,
+                )
+        except Exception as e:  # e.g. the id already holds pages here: fail it, free nothing
+            self._finish(task, error=f"cannot allocate KV pages: {type(e).__name__}: {e}")
+            return True
         if num_cached is None:
             return False
         task.is_started = True
@@ -287,8 +291,9 @@ class PrefillStage:
             except Exception:  # the sink is already broken; nothing more to tell the peer
                 pass
             task.sink = None
-        with self._cache_lock:
-            self.allocator.free(task.job.request_id)
+        if task.is_started:
+            with self._cache_lock:
+                self.allocator.free(task.job.request_id)
         if error is not None:
             self._num_failed += 1
         else:

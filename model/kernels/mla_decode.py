@@ -9,22 +9,29 @@ records themselves:
 
 ``paged_mla_decode`` checks the inputs and dispatches: CUDA tensors (or ``TIDAL_FORCE_TRITON=1``,
 used with ``TRITON_INTERPRET=1`` in tests) run the split-KV Triton kernel
-(``model/kernels/mla_decode_triton.py``); anything else runs ``paged_mla_decode_reference``,
-a plain-torch version that is also the CPU production path.
+(``model/kernels/mla_decode_triton.py``); anything else runs ``paged_mla_decode_reference``
+(``model/kernels/mla_decode_reference.py``), plain torch, which is also the CPU production path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 
 from model.kernels import use_triton
-from model.kv_cache import FP8_GROUP, KVFormat, PagedLatentCache
+from model.kernels.mla_decode_reference import paged_mla_decode_reference
+from model.kv_cache import PagedLatentCache
+
+__all__ = [
+    "check_decode_inputs",
+    "check_seq_lens",
+    "make_block_tables",
+    "paged_mla_decode",
+    "paged_mla_decode_reference",
+]
 
 _Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Budget for one reference chunk's fp32 records (x2 for scores and temporaries). Small enough
-# that the buffers stay below glibc's mmap threshold and get reused instead of page-faulted in:
-# measured 20 MiB ~1.5x faster than 96 MiB at batch 32 x 1K tokens on the 2-core dev box.
-_REFERENCE_CHUNK_BYTES = 20 << 20
 
 
 def paged_mla_decode(
@@ -64,6 +71,16 @@ def paged_mla_decode(
     return paged_mla_decode_reference(
         q_latent, q_pe, cache, layer, block_tables, seq_lens, softmax_scale
     )
+
+
+def make_block_tables(cache: PagedLatentCache, seq_ids: Sequence[Hashable]) -> torch.Tensor:
+    """int32 [B, max_pages] block tables of ``seq_ids`` on the cache's device, padded with 0."""
+    tables = [cache.allocator.block_table(seq_id) for seq_id in seq_ids]
+    width = max((len(t) for t in tables), default=0)
+    padded = torch.zeros(len(tables), max(1, width), dtype=torch.int32)
+    for i, table in enumerate(tables):
+        padded[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    return padded.to(cache.device)
 
 
 def check_decode_inputs(
@@ -135,76 +152,3 @@ def check_seq_lens(
             f"block_tables[{b}, {col}] = {int(block_tables[b, col])} is not a page id in "
             f"[0, {num_pages}) but sequence {b} needs that page for its {int(seq_lens[b])} tokens"
         )
-
-
-def paged_mla_decode_reference(
-    q_latent: torch.Tensor,
-    q_pe: torch.Tensor,
-    cache: PagedLatentCache,
-    layer: int,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    softmax_scale: float,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """Plain-torch paged decode (same contract as ``paged_mla_decode``; ``num_splits`` unused).
-
-    Gathers whole pages for the batch at once and walks them in chunks sized to bound memory,
-    combining chunks with an online softmax, so long contexts never materialise [B, T_max, D].
-    """
-    b, h, r = q_latent.shape
-    s = cache.page_size
-    lens = seq_lens.long()
-    pages_needed = (lens + s - 1) // s  # [B]
-    max_pages = int(pages_needed.max()) if b else 0
-    q = torch.cat([q_latent, q_pe], dim=-1).float()  # [B, H, R + rope]: one dot per record
-    m = torch.full((b, h), float("-inf"), device=q.device)  # running max of scores
-    denom = torch.zeros(b, h, device=q.device)
-    acc = torch.zeros(b, h, r, device=q.device)
-    chunk_pages = max(1, _REFERENCE_CHUNK_BYTES // max(1, b * s * q.shape[-1] * 8))
-    for p0 in range(0, max_pages, chunk_pages):
-        p1 = min(p0 + chunk_pages, max_pages)
-        rows = (pages_needed > p0).nonzero().squeeze(1)  # sequences with tokens in this chunk
-        if rows.numel() == b:
-            rows = None  # everyone: skip the row gathers
-        ids = _take(block_tables[:, p0:p1], rows).long()  # [b', n]
-        col = torch.arange(p0, p1, device=ids.device)
-        ids = torch.where(col < _take(pages_needed, rows).unsqueeze(1), ids, 0)  # pad -> page 0
-        rec = _gather_pages(cache, layer, ids)  # [b', n*S, R + rope] fp32
-        scores = torch.bmm(_take(q, rows), rec.transpose(1, 2)).mul_(softmax_scale)  # [b', H, T]
-        pos = p0 * s + torch.arange((p1 - p0) * s, device=q.device)
-        scores.masked_fill_((pos >= _take(lens, rows).unsqueeze(1)).unsqueeze(1), float("-inf"))
-        m_old = _take(m, rows)
-        m_new = torch.maximum(m_old, scores.amax(dim=-1))  # finite: every row has a token here
-        p = torch.exp(scores.sub_(m_new.unsqueeze(-1)))  # [b', H, T]
-        alpha = torch.exp(m_old - m_new)  # 0 on a sequence's first chunk
-        new_denom = _take(denom, rows) * alpha + p.sum(dim=-1)
-        new_acc = torch.baddbmm(_take(acc, rows) * alpha.unsqueeze(-1), p, rec[..., :r])
-        if rows is None:
-            m, denom, acc = m_new, new_denom, new_acc
-        else:
-            m[rows], denom[rows], acc[rows] = m_new, new_denom, new_acc
-    return (acc / denom.unsqueeze(-1)).to(q_latent.dtype)
-
-
-def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return x if rows is None else x.index_select(0, rows)
-
-
-def _gather_pages(cache: PagedLatentCache, layer: int, ids: torch.Tensor) -> torch.Tensor:
-    """Pages ``ids`` [b, n] of one layer -> fp32 records [b, n*S, R + rope] (c_kv ‖ k_pe).
-
-    fp32 caches cost one gather; bf16 a gather and an upcast; fp8 dequantises in place.
-    """
-    b, n = ids.shape
-    r, s = cache.kv_lora_rank, cache.page_size
-    flat_ids = ids.reshape(-1)
-    if cache.fmt is KVFormat.FP8:
-        q8, scale, k_pe = cache.fp8_views(layer)
-        rec = torch.empty(b * n, s, r + cache.rope_dim, device=ids.device)
-        rec[..., :r] = q8.index_select(0, flat_ids)
-        rec[..., r:] = k_pe.index_select(0, flat_ids)
-        groups = rec[..., :r].view(b * n, s, r // FP8_GROUP, FP8_GROUP)
-        groups.mul_(scale.index_select(0, flat_ids).unsqueeze(-1))
-        return rec.view(b, n * s, -1)
-    return cache.latent_view(layer).index_select(0, flat_ids).view(b, n * s, -1).float()

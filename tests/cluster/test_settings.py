@@ -8,7 +8,9 @@ from cluster.settings import ServeSettings
 
 
 def test_disaggregated_config_from_model_dir(tiny_model_dir):
-    cfg = ServeSettings(model=str(tiny_model_dir), prefill=2, decode=1, cpus_per_rank=0.5).to_config()
+    cfg = ServeSettings(
+        model=str(tiny_model_dir), prefill=2, decode=1, cpus_per_rank=0.5
+    ).to_config()
     assert cfg.pool("prefill").num_instances == 2 and cfg.pool("decode").num_instances == 1
     assert cfg.pool("mixed").num_instances == 0
     assert cfg.scheduler.max_model_len == 8192  # k2-tiny's max_position_embeddings
@@ -19,7 +21,9 @@ def test_disaggregated_config_from_model_dir(tiny_model_dir):
 
 
 def test_colocated_replaces_pools(tiny_model_dir):
-    cfg = ServeSettings(model=str(tiny_model_dir), colocated=3, mixed_resources={"x": 1}).to_config()
+    cfg = ServeSettings(
+        model=str(tiny_model_dir), colocated=3, mixed_resources={"x": 1}
+    ).to_config()
     assert set(cfg.pools) == {"mixed"} and cfg.pool("mixed").num_instances == 3
     assert cfg.pool("mixed").resources.bundle(False) == {"CPU": 1.0, "x": 1}
 
@@ -36,7 +40,9 @@ def test_bad_settings_say_what_to_fix(tmp_path):
 def test_request_bodies():
     ok = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2, 3]], "top_k": -1})
     assert ok.prompt == [1, 2, 3] and ok.sampling().top_k == 0
-    assert CompletionRequest.model_validate({"model": "m", "prompt": "hi", "stop": "x"}).stop_strings == ["x"]
+    assert CompletionRequest.model_validate(
+        {"model": "m", "prompt": "hi", "stop": "x"}
+    ).stop_strings == ["x"]
     for bad in (
         {"model": "m", "prompt": "hi", "max_tokens": -1},
         {"model": "m", "prompt": ["a", "b"]},
@@ -50,7 +56,10 @@ def test_request_bodies():
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": []})
     chat = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
-         "max_completion_tokens": 5}
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+            "max_completion_tokens": 5,
+        }
     )
     assert chat.max_new_tokens == 5 and chat.messages[0].text() == "a"

@@ -2,13 +2,33 @@
 conditions, cancel, streaming and backpressure. Greedy outputs are compared token for token
 with ``engine.generate``."""
 
+import random
 import threading
 
 import pytest
-from stage_driver import make_prompts, read_all, run_until_idle
 
-from decode.jobs import DecodeConfig, DecodeJob
+from decode.jobs import DecodeConfig, DecodeJob, TokenBatch
 from decode.stage import DecodeStage
+
+
+def make_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def run_until_idle(stage, max_steps: int = 10_000) -> int:
+    """Step until a step does nothing; returns the number of steps."""
+    for n in range(max_steps):
+        if not stage.step():
+            return n
+    raise AssertionError(f"stage still busy after {max_steps} steps")
+
+
+def read_all(stage, request_id: str) -> TokenBatch:
+    """Everything the stream holds (the request must have finished)."""
+    batch = stage.poll(request_id, 0, timeout_s=0)
+    assert batch.finished, f"{request_id} has not finished: {batch}"
+    return batch
 
 
 @pytest.fixture
@@ -104,7 +124,8 @@ def test_cancel_during_local_prefill(stage, decode_engine):
     (prompt,) = make_prompts(decode_engine.config.vocab_size, [100], seed=6)
     stage.start(local_job("long", prompt, 4))
     stage.step()  # 24 of 100 prompt tokens
-    assert stage.stats().num_waiting == 1
+    stats = stage.stats()
+    assert stats.num_waiting == 1 and stats.num_queued_prefill_tokens == 76
     stage.cancel("long")
     assert stage.poll("long", 0, 0).finish_reason == "abort"
     assert not stage.step()
@@ -170,3 +191,24 @@ def test_start_with_first_token_but_no_reservation_is_an_error(stage):
     stage.start(DecodeJob("orphan", [1, 2, 3], first_token_id=5, max_tokens=4))
     out = stage.poll("orphan", 0, timeout_s=0)
     assert out.finished and out.finish_reason == "abort" and "reserve()" in out.error
+
+
+def test_engine_error_ends_only_that_request(stage, decode_engine):
+    vocab = decode_engine.config.vocab_size
+    (prompt,) = make_prompts(vocab, [10], seed=11)
+    (expected,) = decode_engine.generate([prompt], 4)
+    stage.start(local_job("bad", [1, vocab + 5, 2], 4))  # an id the embedding does not have
+    stage.start(local_job("good", prompt, 4))
+    run_until_idle(stage)
+    bad = stage.poll("bad", 0, timeout_s=0)
+    assert bad.finish_reason == "abort" and "prefill failed" in bad.error
+    assert read_all(stage, "good").token_ids == expected
+
+
+def test_wait_for_work(stage, decode_engine):
+    assert not stage.wait_for_work(0.01)
+    (prompt,) = make_prompts(decode_engine.config.vocab_size, [4], seed=12)
+    stage.start(local_job("w", prompt, 2))
+    assert stage.wait_for_work(0.01)
+    run_until_idle(stage)
+    assert not stage.wait_for_work(0)

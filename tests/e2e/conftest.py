@@ -56,7 +56,9 @@ def deployed(serve_url: str, model_dir: Any, name: str, **overrides: Any) -> Ite
     from cluster.serve import wait_healthy
     from cluster.settings import ServeSettings
 
-    settings = ServeSettings(**{**BASE_SETTINGS, "model": str(model_dir), "name": name, **overrides})
+    settings = ServeSettings(
+        **{**BASE_SETTINGS, "model": str(model_dir), "name": name, **overrides}
+    )
     serve.run(build_app_from_config(settings.to_config()), name=name, route_prefix="/")
     try:
         wait_healthy(serve_url, 240.0)
@@ -116,3 +118,76 @@ def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.2, what: 
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
+
+
+# ---- prompts shared by the disaggregated and colocated modules -------------------------------
+LONG_PROMPT_LEN = 4200  # > 4K: prefilled in several chunks (engine chunk 512, stage budgets)
+MAX_TOKENS = 8
+
+
+def make_prompt(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(1, 500) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def greedy_cases(reference_engine) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, offline greedy output) for five prompts, one of them 4K+ tokens."""
+    import torch
+
+    torch.set_num_threads(1)
+    prompts = [make_prompt(n, seed) for seed, n in enumerate([5, 17, 64, 130, LONG_PROMPT_LEN])]
+    outputs = [reference_engine.generate([p], MAX_TOKENS)[0] for p in prompts]
+    return list(zip(prompts, outputs, strict=True))
+
+
+def completion_ids(client: Any, prompt: list[int], max_tokens: int = MAX_TOKENS, **kw: Any) -> Any:
+    """A greedy completion of token ids through the openai client; the response."""
+    return client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True, **kw.pop("extra_body", {})},
+        **kw,
+    )
+
+
+def stream_ids(
+    client: Any, prompt: list[int], max_tokens: int = MAX_TOKENS
+) -> tuple[list[int], str, Any]:
+    """Stream a greedy completion; (token ids, text, the usage chunk)."""
+    ids: list[int] = []
+    text = ""
+    usage = None
+    finish = None
+    stream = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            ids += choice.model_extra.get("token_ids") or []
+            text += choice.text or ""
+            finish = choice.finish_reason or finish
+    assert finish == "length", finish
+    return ids, text, usage
+
+
+@pytest.fixture()
+def client_factory():
+    import openai
+
+    def make(url: str) -> Any:
+        return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    return make

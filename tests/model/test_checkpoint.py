@@ -45,7 +45,9 @@ def test_k2_tiny_has_the_hf_layout(tiny_model_dir):
             located.update(dict.fromkeys(f.keys(), shard))
     assert index["weight_map"] == located
     stored = _stored(tiny_model_dir)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in stored.values()
+    )
 
 
 def test_k2_tiny_config_is_served_as_specified(tiny_model_dir):

@@ -15,6 +15,7 @@ from model.weights import (
     SCALE_SUFFIX,
     WeightsError,
     dequantize_block_fp8,
+    e4m3_to_float,
     expected_shapes,
     is_fp8_linear,
     load_model_dir,
@@ -79,7 +80,7 @@ def test_expert_subset_loads_only_those_experts(tiny_model_dir):
     cfg = _config(tiny_model_dir)
     full = load_state_dict(tiny_model_dir, cfg)
     part = load_state_dict(tiny_model_dir, cfg, expert_ids=[5, 1])
-    experts = {int(k.split(".")[4]) for k in part if ".mlp.experts." in k}
+    experts = {int(k.split(".")[5]) for k in part if ".mlp.experts." in k}
     assert experts == {1, 5}
     assert "model.layers.1.mlp.shared_experts.up_proj.weight" in part
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in part
@@ -92,7 +93,7 @@ def test_expert_subset_never_reads_other_experts(model_copy):
     # them (even just to open their file) would fail.
     index = _index(model_copy)
     for name in index["weight_map"]:
-        if ".mlp.experts." in name and int(name.split(".")[4]) >= 4:
+        if ".mlp.experts." in name and int(name.split(".")[5]) >= 4:
             index["weight_map"][name] = "model-other-rank.safetensors"
     _write_index(model_copy, index)
     cfg = _config(model_copy)
@@ -109,7 +110,10 @@ def test_expert_ids_out_of_range_are_rejected(tiny_model_dir):
 
 def test_layers_past_num_hidden_layers_are_ignored(model_copy):
     # Real checkpoints carry an MTP layer at index num_hidden_layers; its tensors are not read.
-    mtp = {"model.layers.3.eh_proj.weight": torch.zeros(3, 5), "model.layers.3.enorm.weight": torch.ones(7)}
+    mtp = {
+        "model.layers.3.eh_proj.weight": torch.zeros(3, 5),
+        "model.layers.3.enorm.weight": torch.ones(7),
+    }
     save_file(mtp, str(model_copy / "model-mtp.safetensors"))
     index = _index(model_copy)
     index["weight_map"].update(dict.fromkeys(mtp, "model-mtp.safetensors"))
@@ -144,7 +148,7 @@ def test_keep_fp8_returns_the_stored_pair(tiny_fp8_model_dir):
     name = "model.layers.1.self_attn.kv_b_proj.weight"
     assert raw[name].dtype == torch.float8_e4m3fn
     assert raw[name + SCALE_SUFFIX].dtype == torch.float32
-    assert raw[name + SCALE_SUFFIX].shape == (1, 1)
+    assert raw[name + SCALE_SUFFIX].shape == (2, 1)  # [256, 128] -> 2 x 1 blocks
     assert torch.equal(dequantize_block_fp8(raw[name], raw[name + SCALE_SUFFIX]), deq[name])
     assert raw["lm_head.weight"].dtype == torch.float32
 
@@ -210,7 +214,9 @@ def test_truncated_shard(model_copy):
     shard = model_copy / "model-00003-of-00003.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match=r"model-00003-of-00003.safetensors.*truncated or corrupt"):
+    with pytest.raises(
+        WeightsError, match=r"model-00003-of-00003.safetensors.*truncated or corrupt"
+    ):
         load_state_dict(model_copy, _config(model_copy))
 
 
@@ -219,7 +225,9 @@ def test_corrupt_header(model_copy):
     data = bytearray(shard.read_bytes())
     data[8:40] = b"\x00not json at all\xff" * 2
     shard.write_bytes(bytes(data))
-    with pytest.raises(WeightsError, match=r"model-00001-of-00003.safetensors.*truncated or corrupt"):
+    with pytest.raises(
+        WeightsError, match=r"model-00001-of-00003.safetensors.*truncated or corrupt"
+    ):
         load_state_dict(model_copy, _config(model_copy))
 
 
@@ -273,3 +281,51 @@ def test_fp8_config_over_bf16_weights_is_rejected(model_copy, tiny_fp8_model_dir
     _write_index(model_copy, index)
     with pytest.raises(WeightsError, match=r"is torch.bfloat16, expected float8_e4m3fn"):
         load_state_dict(model_copy, _config(model_copy))
+
+
+def test_e4m3_table_lookup_is_exact_for_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    want = codes.float()
+    got = e4m3_to_float(codes)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan])
+
+
+def test_git_lfs_pointer_instead_of_a_shard(model_copy):
+    shard = model_copy / "model-00002-of-00003.safetensors"
+    shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n")
+    with pytest.raises(
+        WeightsError, match=r"model-00002-of-00003.safetensors: is a git-lfs pointer"
+    ):
+        load_state_dict(model_copy, _config(model_copy))
+
+
+def test_expected_shapes_without_q_lora_use_q_proj(tiny_model_dir):
+    raw = json.loads((tiny_model_dir / "config.json").read_text())
+    raw["q_lora_rank"] = None
+    shapes = expected_shapes(ModelConfig.from_dict(raw))
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (4 * (32 + 16), 64)
+    assert not any("q_a_proj" in n or "q_b_proj" in n or "q_a_layernorm" in n for n in shapes)
+
+
+def test_expected_shapes_match_the_hf_names(tiny_model_dir):
+    shapes = expected_shapes(_config(tiny_model_dir))
+    assert shapes["model.layers.1.self_attn.q_b_proj.weight"] == (4 * 48, 48)
+    assert shapes["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"] == (128 + 16, 64)
+    assert shapes["model.layers.1.self_attn.o_proj.weight"] == (64, 4 * 32)
+    assert shapes["model.layers.1.mlp.shared_experts.down_proj.weight"] == (64, 32)
+    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (128, 64)
+    assert shapes["model.layers.2.mlp.gate.weight"] == (8, 64)
+    assert shapes["lm_head.weight"] == (512, 64)
+
+
+def test_tied_embeddings_reuse_the_embedding_matrix(model_copy):
+    raw = json.loads((model_copy / "config.json").read_text())
+    raw["tie_word_embeddings"] = True
+    (model_copy / "config.json").write_text(json.dumps(raw))
+    index = _index(model_copy)
+    del index["weight_map"]["lm_head.weight"]
+    _write_index(model_copy, index)
+    cfg, state = load_model_dir(model_copy)
+    assert "lm_head.weight" not in expected_shapes(cfg)
+    assert state["lm_head.weight"] is state["model.embed_tokens.weight"]

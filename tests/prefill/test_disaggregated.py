@@ -4,17 +4,40 @@ Greedy tokens must equal ``engine.generate``; failures must end with a clear err
 every page free on both instances.
 """
 
+import random
 import threading
 import time
 
 import pytest
-from prefill_driver import drain, make_prompts, step_until_done
 
 from decode.jobs import DecodeConfig, DecodeJob
+from decode.mixed import MixedStage
 from decode.stage import DecodeStage
-from kvtransfer import KVReceiver, TransferConfig, model_fingerprint
+from kvtransfer import KVReceiver, TransferConfig, accepted_fingerprints, model_fingerprint
+from model.sampling import SamplingParams
 from prefill.jobs import PrefillConfig, PrefillJob
 from prefill.stage import PrefillStage
+
+
+def make_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def step_until_done(stage, future, max_steps: int = 10_000):
+    for _ in range(max_steps):
+        if future.done():
+            return future.result()
+        stage.step()
+    raise AssertionError(f"prefill not done after {max_steps} steps")
+
+
+def drain(stage, max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        if not stage.step():
+            return
+    raise AssertionError(f"decode stage still busy after {max_steps} steps")
+
 
 MAX_TOKENS = 6
 
@@ -23,7 +46,12 @@ MAX_TOKENS = 6
 def pair(prefill_engine, decode_engine):
     """(prefill stage, decode stage, receiver); checks that no page leaks."""
     fingerprint = model_fingerprint(decode_engine.config, decode_engine.cache.fmt)
-    receiver = KVReceiver(decode_engine.cache, fingerprint, config=TransferConfig(lease_s=5.0))
+    receiver = KVReceiver(
+        decode_engine.cache,
+        fingerprint,
+        config=TransferConfig(lease_s=5.0),
+        wire_fingerprints=accepted_fingerprints(decode_engine.config, ["fp8"]),
+    )
     receiver.start()
     prefill = PrefillStage(prefill_engine, PrefillConfig(token_budget=40))
     decode = DecodeStage(decode_engine, DecodeConfig(), receiver)
@@ -37,13 +65,15 @@ def pair(prefill_engine, decode_engine):
     assert prefill_engine.cache.allocator.num_free_pages == prefill_free, "prefill pages leaked"
 
 
-def serve_one(prefill, decode, rid, prompt, max_tokens=MAX_TOKENS, lease_s=5.0):
+def serve_one(prefill, decode, rid, prompt, max_tokens=MAX_TOKENS, kv_format="bf16", sampling=None):
     """The ingress's sequence for one request, with both stages stepped on this thread."""
-    address = decode.reserve(rid, len(prompt) + max_tokens, lease_s)
-    result = step_until_done(prefill, prefill.submit(PrefillJob(rid, prompt, kv_address=address)))
+    sampling = sampling or SamplingParams()
+    address = decode.reserve(rid, len(prompt) + max_tokens, 5.0)
+    job = PrefillJob(rid, prompt, sampling, kv_address=address, kv_format=kv_format)
+    result = step_until_done(prefill, prefill.submit(job))
     if result.error is None:
         decode.start(
-            DecodeJob(rid, prompt, result.first_token_id, max_tokens=max_tokens, ignore_eos=True)
+            DecodeJob(rid, prompt, result.first_token_id, sampling, max_tokens, ignore_eos=True)
         )
     return result
 
@@ -180,3 +210,77 @@ def test_prefill_cancel_frees_pages(pair, prefill_engine):
     prefill.cancel("run")
     assert running.result(0).error == "cancelled" and queued.result(0).error == "cancelled"
     assert not prefill.step()
+
+
+def test_fp8_wire_format(pair, prefill_engine):
+    """bf16 cache -> fp8 on the wire -> dequantised into the decode cache."""
+    prefill, decode, _ = pair
+    (prompt,) = make_prompts(prefill_engine.config.vocab_size, [45], seed=28)
+    (expected,) = prefill_engine.generate([prompt], MAX_TOKENS)
+    result = serve_one(prefill, decode, "f8", prompt, kv_format="fp8")
+    assert result.error is None and result.first_token_id == expected[0]
+    drain(decode)
+    out = decode.poll("f8", 0, timeout_s=0)
+    assert out.finish_reason == "length" and len(out.token_ids) == MAX_TOKENS
+
+
+def test_seeded_sampling_matches_colocated(pair, decode_engine, prefill_engine):
+    """Output token i is drawn with seed (seed, i) wherever it is sampled, so a seeded request
+    gives the same tokens disaggregated and colocated."""
+    prefill, decode, _ = pair
+    prompts = make_prompts(prefill_engine.config.vocab_size, [11, 30], seed=29)
+    sampling = [SamplingParams(temperature=1.5, top_k=50, seed=s) for s in (1, 2)]
+    for i, (p, sp) in enumerate(zip(prompts, sampling, strict=True)):
+        assert serve_one(prefill, decode, f"s{i}", p, max_tokens=8, sampling=sp).error is None
+    drain(decode)
+    disaggregated = [decode.poll(f"s{i}", 0, timeout_s=0).token_ids for i in range(2)]
+    mixed = MixedStage(decode_engine, DecodeConfig(prefill_token_budget=16))
+    for i, (p, sp) in enumerate(zip(prompts, sampling, strict=True)):
+        mixed.start(DecodeJob(f"s{i}", p, None, sp, max_tokens=8, ignore_eos=True))
+    drain(mixed)
+    colocated = [mixed.poll(f"s{i}", 0, timeout_s=0).token_ids for i in range(2)]
+    assert disaggregated == colocated
+    assert all(len(t) == 8 for t in colocated)
+    greedy = prefill_engine.generate(prompts, 8)
+    assert colocated != greedy  # the sampler really sampled
+
+
+def test_short_prompts_share_one_step(pair, prefill_engine):
+    prefill, _, _ = pair
+    prompts = make_prompts(prefill_engine.config.vocab_size, [10, 12, 9, 30], seed=30)
+    futures = [prefill.submit(PrefillJob(f"q{i}", p)) for i, p in enumerate(prompts)]
+    assert prefill.stats().num_queued_tokens == 61
+    assert prefill.step()  # budget 40: the first three (31 tokens) and 9 tokens of the fourth
+    assert [f.done() for f in futures] == [True, True, True, False]
+    assert prefill.stats().num_queued_tokens == 21
+    firsts = [f.result(0).first_token_id for f in futures[:3]]
+    assert firsts == [out[0] for out in prefill_engine.generate(prompts[:3], 1)]
+    step_until_done(prefill, futures[3])
+
+
+def test_reserved_request_prefilled_locally_after_all(pair, decode_engine):
+    """The ingress reserved pages, then chose decode-local prefill: the reservation goes back."""
+    _, decode, receiver = pair
+    (prompt,) = make_prompts(decode_engine.config.vocab_size, [25], seed=31)
+    (expected,) = decode_engine.generate([prompt], MAX_TOKENS)
+    decode.reserve("loc", len(prompt) + MAX_TOKENS, 5.0)
+    decode.start(DecodeJob("loc", prompt, None, max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert receiver.num_pending == 0
+    drain(decode)
+    assert decode.poll("loc", 0, timeout_s=0).token_ids == expected
+
+
+def test_reserve_again_after_a_failed_reservation(pair, decode_engine):
+    _, decode, _ = pair
+    free_before = decode_engine.cache.allocator.num_free_pages
+    decode.reserve("again", 40, lease_s=0.05)
+    with pytest.raises(ValueError, match="already reserved"):
+        decode.reserve("again", 40, lease_s=5.0)  # still pending: a real duplicate
+    deadline = time.monotonic() + 10
+    while decode_engine.cache.allocator.num_free_pages < free_before:
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.02)
+    decode.reserve("again", 40, lease_s=5.0)  # the expired one is replaced
+    assert decode.stats().num_transferring == 1
+    decode.cancel("again")
+    assert decode.stats().num_transferring == 0

@@ -1,0 +1,231 @@
+"""``Engine``: one model replica's weights, paged latent KV cache, and forward passes.
+
+The offline API (``prefill_logits``, ``generate``) manages its own pages; the worker API
+(``prefill``, ``decode``) runs sequences whose pages the caller allocated in
+``engine.cache.allocator`` (see docs/interfaces.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.kv_cache import KVFormat, PagedLatentCache
+from model.sampling import SamplingParams, make_generator, sample
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+from model.weights import load_state_dict
+
+DEFAULT_MAX_NUM_TOKENS = 32768
+
+
+class Engine:
+    """A loaded model: ``config``, ``tokenizer``, ``cache`` and the forward passes over them."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        model: Transformer,
+        cache: PagedLatentCache,
+        tokenizer: Tokenizer | None,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        chunk_size: int,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.config = config
+        self.model = model
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.device = device
+        self.chunk_size = chunk_size
+        self._offline_ids = itertools.count()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        kv_format: KVFormat | str = "bf16",
+        num_pages: int | None = None,
+        page_size: int = 64,
+        chunk_size: int = 512,
+        expert_ids: list[int] | None = None,
+        max_num_tokens: int | None = None,
+    ) -> Engine:
+        """Read ``config.json``, the tokenizer and the weights of a model directory.
+
+        The cache holds ``num_pages`` pages, or enough for ``max_num_tokens`` tokens (default
+        min(32K, max_position_embeddings)).
+        """
+        path = Path(path)
+        device = torch.device(device)
+        config = ModelConfig.from_json(path / "config.json")
+        state = load_state_dict(path, config, dtype=dtype, device=device, expert_ids=expert_ids)
+        model = Transformer(config, state, device, expert_ids)
+        if num_pages is None:
+            tokens = max_num_tokens or min(DEFAULT_MAX_NUM_TOKENS, config.max_position_embeddings)
+            num_pages = -(-tokens // page_size)
+        cache = PagedLatentCache(
+            config.num_hidden_layers,
+            config.kv_lora_rank,
+            config.qk_rope_head_dim,
+            num_pages,
+            page_size,
+            kv_format,
+            device,
+        )
+        tokenizer = Tokenizer.load(path)
+        return cls(
+            config, model, cache, tokenizer, dtype=dtype, device=device, chunk_size=chunk_size
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the config and KV format; kvtransfer refuses KV from a different one."""
+        from kvtransfer.fingerprint import model_fingerprint
+
+        return model_fingerprint(self.config, self.cache.fmt)
+
+    @property
+    def expert_counts(self) -> dict[int, torch.Tensor]:
+        """Tokens routed to each global expert so far, per MoE layer (for EPLB)."""
+        return {i: moe.counts for i, moe in self.model.moe_layers.items()}
+
+    # ---- worker API -----------------------------------------------------------------------------
+    def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(token_ids, dtype=torch.long).to(self.device).reshape(-1)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        seq_id: Hashable,
+        token_ids: Sequence[int] | torch.Tensor,
+        start_pos: int = 0,
+        on_layer: Callable[[int, int, int], None] | None = None,
+        *,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run tokens at [start_pos, start_pos+n) in chunks over the cached prefix of seq_id.
+
+        Returns the last token's logits fp32 [vocab] (``all_logits``: every token's, [n, vocab]).
+        """
+        ids = self._ids(token_ids)
+        n = ids.shape[0]
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        end = start_pos + n
+        if end > self.cache.allocator.capacity(seq_id):
+            raise ValueError(
+                f"sequence {seq_id!r} holds pages for {self.cache.allocator.capacity(seq_id)} "
+                f"tokens but prefill reaches position {end}; allocate or append pages first"
+            )
+        outs = []
+        for lo in range(0, n, self.chunk_size):
+            hi = min(lo + self.chunk_size, n)
+            outs.append(
+                self.model.prefill(
+                    ids[lo:hi], self.cache, seq_id, start_pos + lo, on_layer, all_logits
+                )
+            )
+        return torch.cat(outs) if all_logits else outs[-1][0]
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        seq_ids: Sequence[Hashable],
+        token_ids: Sequence[int] | torch.Tensor,
+        positions: Sequence[int] | torch.Tensor,
+    ) -> torch.Tensor:
+        """One step: token_ids[i] at positions[i] for each sequence -> logits fp32 [B, vocab]."""
+        b = len(seq_ids)
+        ids = self._ids(token_ids)
+        pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if ids.shape[0] != b or pos.shape[0] != b:
+            raise ValueError(f"decode got {b} seq_ids, {ids.shape[0]} tokens, {pos.shape[0]} positions")
+        alloc, s = self.cache.allocator, self.cache.page_size
+        tables = [alloc.block_table(sid) for sid in seq_ids]
+        pos_list = pos.tolist()
+        for sid, p, table in zip(seq_ids, pos_list, tables, strict=True):
+            if p >= len(table) * s:
+                raise ValueError(
+                    f"sequence {sid!r} holds pages for {len(table) * s} tokens but decodes at "
+                    f"position {p}; append pages first"
+                )
+        width = max(len(t) for t in tables)
+        block_tables = torch.zeros(b, width, dtype=torch.int32)
+        for i, table in enumerate(tables):
+            block_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        page = block_tables.gather(1, (pos // s).unsqueeze(1)).squeeze(1).long()
+        slots = page * s + pos % s  # [B]
+        dev = self.device
+        return self.model.decode(
+            ids,
+            pos.to(dev),
+            self.cache,
+            slots.to(dev),
+            block_tables.to(dev),
+            (pos + 1).to(torch.int32).to(dev),
+        )
+
+    # ---- offline API ----------------------------------------------------------------------------
+    def prefill_logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits fp32 [len, vocab] of every position of one prompt (pages allocated and freed)."""
+        ids = self._ids(token_ids)
+        seq_id = ("offline", next(self._offline_ids))
+        self.cache.allocator.allocate(seq_id, ids.shape[0])
+        try:
+            return self.prefill(seq_id, ids, all_logits=True)
+        finally:
+            self.cache.allocator.free(seq_id)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        stop_at_eos: bool = False,
+    ) -> list[list[int]]:
+        """Prefill every prompt, then decode all of them together; returns the new tokens.
+
+        Exactly ``max_new_tokens`` tokens per prompt unless ``stop_at_eos``.
+        """
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        alloc = self.cache.allocator
+        seq_ids = [("offline", next(self._offline_ids)) for _ in prompts]
+        gens = [make_generator(sampling, "cpu") for _ in prompts]
+        eos = set(self.config.eos_token_ids)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        try:
+            for sid, prompt in zip(seq_ids, prompts, strict=True):
+                alloc.allocate(sid, len(prompt) + max_new_tokens)
+            live = []
+            for i, (sid, prompt) in enumerate(zip(seq_ids, prompts, strict=True)):
+                logits = self.prefill(sid, prompt)
+                outputs[i].append(sample(logits, sampling, gens[i]))
+                live.append(i)
+            for _ in range(max_new_tokens - 1):
+                if stop_at_eos:
+                    live = [i for i in live if outputs[i][-1] not in eos]
+                if not live:
+                    break
+                logits = self.decode(
+                    [seq_ids[i] for i in live],
+                    [outputs[i][-1] for i in live],
+                    [len(prompts[i]) + len(outputs[i]) - 1 for i in live],
+                )
+                for row, i in enumerate(live):
+                    outputs[i].append(sample(logits[row], sampling, gens[i]))
+        finally:
+            for sid in seq_ids:
+                alloc.free(sid)
+        return outputs

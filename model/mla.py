@@ -1,0 +1,140 @@
+"""Multi-head latent attention (MLA) over the paged latent KV cache.
+
+Per token: ``q = W_qb · norm(W_qa · x)`` (or ``W_q · x``) split per head into ``q_nope`` and
+``q_pe``; ``[c_kv ‖ k_pe] = W_kva · x`` with ``c_kv`` normalised (the latent, ``R`` values) and
+``k_pe`` one rope key shared by all heads. ``q_pe`` and ``k_pe`` are rotated; ``(c_kv, k_pe)``
+is what the cache stores. ``W_kvb`` lifts the latent to per-head keys and values:
+``k_nope[h] = W_UK[h] · c_kv``, ``v[h] = W_UV[h] · c_kv``.
+
+- Prefill (a chunk of T tokens at positions [start, start+T)): write the chunk's latent, read
+  the latent of [0, start+T) back from the cache, decompress K/V and attend causally.
+- Decode (one token per sequence): the absorbed form. ``q_lat[h] = W_UK[h]^T · q_nope[h]``, so
+  ``score = q_lat · c_kv + q_pe · k_pe`` runs directly on cached records, and the latent
+  output is lifted once by ``W_UV`` (``model.kernels.mla_decode``, paged over block tables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.kernels.mla_decode import paged_mla_decode
+from model.kv_cache import PagedLatentCache
+from model.layers import rms_norm
+from model.rope import RotaryEmbedding, apply_rope
+
+
+class MLA:
+    """One layer's MLA weights and its prefill / decode attention."""
+
+    def __init__(
+        self, config: ModelConfig, state: dict[str, torch.Tensor], prefix: str, rope: RotaryEmbedding
+    ) -> None:
+        c = config
+        self.n_heads = c.num_attention_heads
+        self.d_nope, self.d_rope, self.d_v = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.rank = c.kv_lora_rank
+        self.eps = c.rms_norm_eps
+        self.scale = c.softmax_scale
+        self.rope = rope
+        kv_a = state[f"{prefix}.kv_a_proj_with_mqa.weight"]  # [R + rope, H]
+        if c.q_lora_rank is None:
+            self.q_lora = 0
+            self.q_a_norm = None
+            self.q_b = state[f"{prefix}.q_proj.weight"]  # [n*(dn+dr), H]
+            self.in_proj = kv_a.contiguous()
+        else:
+            self.q_lora = c.q_lora_rank
+            self.q_a_norm = state[f"{prefix}.q_a_layernorm.weight"]
+            self.q_b = state[f"{prefix}.q_b_proj.weight"]  # [n*(dn+dr), q_lora]
+            # q_a and kv_a read the same input: one GEMM  [q_lora + R + rope, H]
+            self.in_proj = torch.cat([state[f"{prefix}.q_a_proj.weight"], kv_a]).contiguous()
+        self.kv_a_norm = state[f"{prefix}.kv_a_layernorm.weight"]
+        kv_b = state[f"{prefix}.kv_b_proj.weight"]  # [n*(dn+dv), R]
+        self.kv_b = kv_b.contiguous()
+        w = kv_b.view(self.n_heads, self.d_nope + self.d_v, self.rank)
+        self.w_uk = w[:, : self.d_nope].contiguous()  # [n, dn, R]
+        self.w_uv_t = w[:, self.d_nope :].transpose(1, 2).contiguous()  # [n, R, dv]
+        self.o_proj = state[f"{prefix}.o_proj.weight"]  # [H, n*dv]
+
+    # ---- shared projections --------------------------------------------------------------------
+    def _project(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> q_nope [T, n, dn], q_pe [T, n, dr] (rotated), c_kv [T, R], k_pe [T, dr]."""
+        t = x.shape[0]
+        a = F.linear(x, self.in_proj)  # [T, q_lora + R + dr]
+        if self.q_a_norm is None:
+            q = F.linear(x, self.q_b)
+            kv = a
+        else:
+            q = F.linear(rms_norm(a[:, : self.q_lora], self.q_a_norm, self.eps), self.q_b)
+            kv = a[:, self.q_lora :]
+        q = q.view(t, self.n_heads, self.d_nope + self.d_rope)
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        c_kv = rms_norm(kv[:, : self.rank], self.kv_a_norm, self.eps)  # [T, R]
+        cos, sin = self.rope.cos_sin(positions)
+        q_pe = apply_rope(q_pe, cos, sin)  # [T, n, dr]
+        k_pe = apply_rope(kv[:, self.rank :], cos, sin)  # [T, dr]
+        return q_nope, q_pe, c_kv, k_pe
+
+    # ---- prefill: decompressed K/V over the cached prefix plus the chunk -----------------------
+    def prefill(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedLatentCache,
+        layer: int,
+        seq_id: Hashable,
+        start: int,
+    ) -> torch.Tensor:
+        """x [T, H] at positions [start, start+T) -> attention output [T, H]; writes the KV."""
+        t = x.shape[0]
+        end = start + t
+        q_nope, q_pe, c_kv, k_pe = self._project(x, positions)
+        cache.write(seq_id, layer, start, c_kv, k_pe)
+        # everything from the cache, so chunking and the KV format act the same for every token
+        c_all, k_pe_all = cache.read(seq_id, layer, end)  # fp32 [S, R], [S, dr]
+        c_all, k_pe_all = c_all.to(x.dtype), k_pe_all.to(x.dtype)
+        kv = F.linear(c_all, self.kv_b).view(end, self.n_heads, self.d_nope + self.d_v)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [S, n, dn], [S, n, dv]
+        k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, n, dn+dr]
+        # query i (position start+i) sees keys j <= start+i
+        mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale
+        )  # [n, T, dv]
+        return F.linear(out.transpose(0, 1).reshape(t, self.n_heads * self.d_v), self.o_proj)
+
+    # ---- decode: absorbed attention over pages ------------------------------------------------
+    def decode(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedLatentCache,
+        layer: int,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [B, H], one token per sequence written at ``slots`` -> attention output [B, H]."""
+        b = x.shape[0]
+        q_nope, q_pe, c_kv, k_pe = self._project(x, positions)
+        cache.pages[layer].view(-1, cache.bytes_per_token)[slots] = cache.pack(c_kv, k_pe)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), self.w_uk)  # [n, B, dn] @ [n, dn, R] -> [n, B, R]
+        out_lat = paged_mla_decode(
+            q_lat.transpose(0, 1).contiguous(),
+            q_pe.contiguous(),
+            cache,
+            layer,
+            block_tables,
+            seq_lens,
+            self.scale,
+            validate=False,
+        )  # [B, n, R]
+        out = torch.bmm(out_lat.transpose(0, 1), self.w_uv_t)  # [n, B, R] @ [n, R, dv] -> [n, B, dv]
+        return F.linear(out.transpose(0, 1).reshape(b, self.n_heads * self.d_v), self.o_proj)

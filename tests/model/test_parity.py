@@ -1,0 +1,111 @@
+"""Parity of tidal's forward pass with HF transformers' DeepseekV3ForCausalLM (same weights).
+
+HF runs in fp32 with eager attention; tidal runs in fp32 with an fp32 KV cache. The generated
+presets have YaRN active (factor > 1, mscale_all_dim set), so rope and softmax scale are covered.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from model.config import ModelConfig  # noqa: E402
+from model.engine import Engine  # noqa: E402
+from model.rope import RotaryEmbedding, yarn_inv_freq  # noqa: E402
+from model.weights import load_state_dict  # noqa: E402
+
+PRESET_FIXTURES = ["tiny_model_dir", "dsv3_tiny_model_dir"]
+
+
+def hf_reference(model_dir) -> torch.nn.Module:
+    """HF DeepseekV3ForCausalLM (fp32, eager) holding the checkpoint's weights.
+
+    HF stores routed experts stacked (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]); the
+    checkpoint has one tensor per expert, so they are stacked here.
+    """
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw.pop("model_type")
+    hf_config = DeepseekV3Config(**raw)
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = DeepseekV3ForCausalLM(hf_config).float().eval()
+    config = ModelConfig.from_json(model_dir)
+    state = load_state_dict(model_dir, config, dtype=torch.float32)
+    out = {k: v for k, v in state.items() if ".experts." not in k}
+    for i in config.moe_layer_ids:
+        p = f"model.layers.{i}.mlp.experts"
+        experts = range(config.n_routed_experts)
+        out[f"{p}.gate_up_proj"] = torch.stack(
+            [torch.cat([state[f"{p}.{e}.gate_proj.weight"], state[f"{p}.{e}.up_proj.weight"]]) for e in experts]
+        )
+        out[f"{p}.down_proj"] = torch.stack([state[f"{p}.{e}.down_proj.weight"] for e in experts])
+    missing, unexpected = hf.load_state_dict(out, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread avoids OpenMP overhead (and fights with parallel test runs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", params=PRESET_FIXTURES)
+def pair(request):
+    model_dir = request.getfixturevalue(request.param)
+    engine = Engine.load(model_dir, dtype=torch.float32, kv_format="fp32", max_num_tokens=1024)
+    return engine, hf_reference(model_dir)
+
+
+def _prompts(n: int, lengths: list[int], vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(n)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+def test_yarn_is_active_and_inv_freq_matches_hf(pair):
+    engine, hf = pair
+    assert engine.config.rope_scaling is not None and engine.config.rope_scaling.is_yarn
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_inv_freq, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf.config, "cpu")
+    inv_freq, factor = yarn_inv_freq(engine.config)
+    assert torch.equal(inv_freq, hf_inv_freq)
+    assert factor == hf_factor
+    # cos/sin bit-identical to HF's rotary embedding at a few positions, incl. past the original ctx
+    pos = torch.tensor([0, 1, 17, 2047, 2048, 5000])
+    hf_cos, hf_sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos[None])
+    cos, sin = RotaryEmbedding(engine.config).cos_sin(pos)
+    half = hf_cos.shape[-1] // 2
+    assert torch.equal(cos, hf_cos[0, :, :half]) and torch.equal(sin, hf_sin[0, :, :half])
+    assert engine.config.softmax_scale == pytest.approx(hf.model.layers[0].self_attn.scaling)
+
+
+def test_prefill_logits_match_hf(pair):
+    engine, hf = pair
+    for prompt in _prompts(1, [5, 41, 97], engine.config.vocab_size):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0]
+        ours = engine.prefill_logits(prompt)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_greedy_tokens_match_hf(pair):
+    engine, hf = pair
+    prompts = _prompts(2, [3, 12, 30], engine.config.vocab_size)
+    ours = engine.generate(prompts, max_new_tokens=32)  # batched decode, different lengths
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False
+            )
+        assert got == out[0, len(prompt) :].tolist()
