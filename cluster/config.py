@@ -90,6 +90,7 @@ class ClusterConfig:
     report_interval_s: float = 0.2  # workers report their state to the scheduler this often
     drain_timeout_s: float = 120.0  # role change: wait this long for in-flight work
     max_attempts: int = 3  # routes per request (re-routes after a worker failure)
+    itl_slo_s: float = 0.1  # inter-token latency target (the planner's decode SLO)
     poll_timeout_s: float = 2.0  # one long-poll of a decode worker
     max_body_bytes: int = 8 << 20  # HTTP request body limit (413 beyond)
     max_concurrency: int = 256  # actor threads per worker (one per concurrent long-poll)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -134,11 +134,19 @@ class _Attempt:
 class Flow:
     """Drives requests through scheduler, prefill and decode workers (one per ingress replica)."""
 
-    def __init__(self, config: ClusterConfig, scheduler: Any, directory: InstanceDirectory):
+    def __init__(
+        self,
+        config: ClusterConfig,
+        scheduler: Any,
+        directory: InstanceDirectory,
+        on_reroute: Callable[[str], None] = lambda stage: None,
+    ):
         self.config = config
         self.scheduler = scheduler
         self.directory = directory
+        self.on_reroute = on_reroute  # called with "prefill" or "decode" (metrics)
         self.num_reroutes = 0
+        self.is_broken = False  # the scheduler is gone: the ingress builds a new Flow
 
     async def generate(self, gen: Generation) -> AsyncIterator[Event]:
         generated: list[int] = []
@@ -187,6 +195,10 @@ class Flow:
                 run.abandon(self.scheduler)
                 last_error = e.message
                 self.num_reroutes += 1
+                is_prefill = (
+                    e.instance_id is not None and e.instance_id != decision.decode_instance_id
+                )
+                self.on_reroute("prefill" if is_prefill else "decode")
                 if e.is_dead and e.instance_id is not None:
                     await self.directory.report_failure(e.instance_id)
             except BaseException:  # client gone (GeneratorExit, CancelledError), stop string, bug
@@ -203,7 +215,16 @@ class Flow:
         spec = RequestSpec.from_token_ids(sid, prompt, max_tokens, self.config.scheduler.block_size)
         deadline = time.monotonic() + REROUTE_TIMEOUT_S
         while True:
-            answer = await self.scheduler.route.remote(spec)
+            try:
+                answer = await self.scheduler.route.remote(spec)
+            except RayActorError as e:  # the pool manager restarted and with it the scheduler
+                self.is_broken = True
+                raise ApiError(503, f"scheduler unavailable: {e}", retry_after_s=1.0) from e
+            except BaseException:
+                # Gone while routing (client disconnect): the scheduler may still place or queue
+                # it; cancelling after the route (same caller, so in order) releases either.
+                self.scheduler.on_cancel.remote(sid)
+                raise
             # A re-route while the pools heal (no decode instance yet) waits for the replacement.
             if not (is_retry and isinstance(answer, Rejection) and answer.status == 503):
                 return answer

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP ingress (a Ray Serve deployment around a FastAPI app).
 
 Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (SSE streaming or one JSON
-answer), ``GET /v1/models``, ``GET /health``, and the admin routes ``GET/POST /admin/pools``
+answer), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (the cluster's ``tidal_*``
+series), and the admin routes ``GET/POST /admin/pools``
 and ``POST /admin/move`` (pool sizes and live role moves). The ingress validates and
 tokenises, then hands the request to ``Flow`` (cluster/flow.py), which talks to the scheduler
 and the workers; here only HTTP, text and usage are handled. Errors use OpenAI's JSON shape
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.config import ClusterConfig
 from cluster.errors import ApiError, StreamError
 from cluster.flow import Finished, Flow, Generation, InstanceDirectory, Started, Tokens
-from cluster.metrics import IngressMetrics
+from cluster.metrics import IngressMetrics, scrape_tidal_metrics
 from cluster.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -135,10 +136,11 @@ class _Output:
         return answer
 
     async def sse(self, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        deltas = self._deltas(events)
         try:
             if self.kind == "chat":
                 yield self._chunk({"delta": {"role": "assistant", "content": ""}})
-            async for delta, ids in self._deltas(events):
+            async for delta, ids in deltas:
                 if delta or (ids and self.body.return_token_ids):
                     yield self._chunk(self._delta(delta, ids))
             yield self._chunk({**self._delta("", []), "finish_reason": self.finish_reason})
@@ -146,6 +148,10 @@ class _Output:
                 yield _sse({**self._envelope(), "choices": [], "usage": self.usage()})
         except StreamError as e:
             yield _sse(ApiError(503, str(e), code="worker_failed").body())
+        finally:
+            # Closed at a yield (client gone): close the chain now, not whenever the garbage
+            # collector finalizes it, so the request is cancelled and its pages freed at once.
+            await deltas.aclose()
         yield "data: [DONE]\n\n"
 
     # ---- shapes -----------------------------------------------------------------------------
@@ -180,6 +186,22 @@ class _Output:
         return _sse({**self._envelope(), "choices": [choice], "usage": None})
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body iterator however the response ends.
+
+    Starlette cancels the sending task when the client disconnects; if that happens while a
+    chunk is being sent, the body generator is left suspended at its ``yield`` and only cleaned
+    up by the garbage collector. Closing it here runs the ingress's cleanup (cancel on every
+    worker, release in the scheduler) right away.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -207,6 +229,13 @@ class Ingress:
     async def health(self) -> JSONResponse:
         state = await self.pool.health.remote()
         return JSONResponse(state, status_code=200 if state["is_ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics_text(self) -> PlainTextResponse:
+        """The cluster's tidal_* metrics (Prometheus text), gathered from every node."""
+        return PlainTextResponse(
+            await scrape_tidal_metrics(), media_type="text/plain; version=0.0.4"
+        )
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -315,9 +344,14 @@ class Ingress:
         return body
 
     async def _get_flow(self) -> Flow:
-        if self._flow is None:
+        if self._flow is None or self._flow.is_broken:
             scheduler = await self.pool.scheduler_handle.remote()
-            self._flow = Flow(self.config, scheduler, InstanceDirectory(self.pool))
+            self._flow = Flow(
+                self.config,
+                scheduler,
+                InstanceDirectory(self.pool),
+                on_reroute=lambda stage: self.metrics.reroutes.inc(1.0, {"stage": stage}),
+            )
         return self._flow
 
     async def _serve(
@@ -350,7 +384,7 @@ class Ingress:
         assert isinstance(first, Started)
         out = _Output(self, body, gen, kind, first.num_cached_tokens, t0)
         if body.stream:
-            return StreamingResponse(
+            return _ClosingStreamingResponse(
                 out.sse(events),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -7,7 +7,7 @@ Frozen dataclasses of plain values: they cross Ray actor boundaries and end up i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -60,10 +60,14 @@ class WorkerStats:
     num_steps: int = 0
     prefill_tokens_per_s: float | None = None
     decode_step_s: float | None = None
-    num_transfer_bytes: int = 0  # KV bytes received (decode) or sent (prefill)
+    num_transfer_bytes: int = 0  # KV bytes sent (prefill)
+    num_reserved_unfilled_pages: int = 0  # decode: reserved for KV still arriving
+    cached_block_hashes: tuple[int, ...] = field(default=(), repr=False)  # prefix cache
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["cached_block_hashes"]  # thousands of ints: not for JSON
+        return d
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class InstanceView:
 
     instance_id: str
     role: str
-    state: str  # starting | serving | moving | dead
+    state: str  # starting | serving | moving | draining | dead
     num_ranks: int
     node_ids: tuple[str, ...]
     stats: WorkerStats | None
@@ -80,4 +84,5 @@ class InstanceView:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["node_ids"] = list(self.node_ids)
+        d["stats"] = self.stats.to_dict() if self.stats is not None else None
         return d

@@ -118,3 +118,37 @@ class PoolMetrics:
 
     def set_recommendation(self, prefill_fraction: float) -> None:
         self.pd_ratio.set(prefill_fraction)
+
+
+async def scrape_tidal_metrics(timeout_s: float = 5.0) -> str:
+    """Every ``tidal_*`` series of every alive node's Ray metrics exporter, in Prometheus text
+    format, with the exporter's ``ray_`` prefix removed (``GET /metrics`` on the ingress).
+    Prometheus in production scrapes the node exporters directly (deploy/prometheus.yml)."""
+    import asyncio
+
+    import httpx
+    import ray
+
+    nodes = await asyncio.to_thread(ray.nodes)
+    urls = [
+        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+        for n in nodes
+        if n.get("Alive") and n.get("MetricsExportPort")
+    ]
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        answers = await asyncio.gather(*(client.get(u) for u in urls), return_exceptions=True)
+    seen: set[str] = set()
+    lines: list[str] = []
+    for answer in answers:
+        if isinstance(answer, BaseException) or answer.status_code != 200:
+            continue
+        for line in answer.text.splitlines():
+            line = line.replace("ray_tidal_", "tidal_", 1)
+            is_meta = line.startswith("# ")
+            if "tidal_" not in line or (is_meta and not line.split()[2].startswith("tidal_")):
+                continue
+            if is_meta and line in seen:  # HELP/TYPE once across nodes
+                continue
+            seen.add(line)
+            lines.append(line)
+    return "\n".join(lines) + "\n"

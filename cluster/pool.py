@@ -38,7 +38,9 @@ from cluster.instance import (
 )
 from cluster.metrics import PoolMetrics
 from cluster.placement import cluster_has_gpus
+from cluster.planning import PlannerFeed
 from scheduler.actor import make_scheduler_actor
+from scheduler.planner import SLO
 from scheduler.state import SchedulerError
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,13 @@ class PoolManager:
         self._lock: asyncio.Lock | None = None
         self._startup: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._last_error: str | None = None
+        self._num_replaced = 0  # dead instances removed (each one replaced by reconciling)
+        self._planner = PlannerFeed(
+            SLO(ttft_s=config.scheduler.ttft_slo_s, itl_s=config.itl_slo_s),
+            config.decode_stage.max_batch_size,
+        )
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -109,6 +117,8 @@ class PoolManager:
             "targets": dict(self._targets),
             "instances": [i.view(s).to_dict() for i, s in zip(instances, all_stats, strict=True)],
             "scheduler": {**asdict(sched), "prefix_hit_rate": sched.prefix_hit_rate},
+            "num_replaced": self._num_replaced,
+            "recommendation": asdict(rec) if (rec := self._planner.recommendation) else None,
             "last_error": self._last_error,
         }
 
@@ -253,11 +263,14 @@ class PoolManager:
             return
         log.warning("%s (%s) is dead; replacing it", inst.instance_id, inst.role)
         inst.state = DEAD
+        self._num_replaced += 1
         self._metrics.instance_died(inst.role)
         await self.scheduler.remove_instance.remote(inst.instance_id)
         stop_instance(inst)
         self._instances.pop(inst.instance_id, None)
-        asyncio.get_running_loop().create_task(self._reconcile_locked())
+        task = asyncio.get_running_loop().create_task(self._reconcile_locked())
+        self._background.add(task)  # asyncio keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
 
     async def _reconcile_locked(self) -> None:
         async with self._get_lock():
@@ -281,4 +294,14 @@ class PoolManager:
         for i in self._instances.values():
             counts[(i.role, i.state)] += 1
         sched = await self.scheduler.stats.remote()
-        self._metrics.update(counts, sched, time.monotonic())
+        now = time.monotonic()
+        self._metrics.update(counts, sched, now)
+        if self._planner.is_due(now):
+            stats = await asyncio.gather(
+                *(i.leader.stats.remote() for i in self._instances.values() if i.state == SERVING),
+                return_exceptions=True,
+            )
+            workers = [s for s in stats if not isinstance(s, BaseException)]
+            rec = self._planner.observe(now, sched, workers)
+            if rec is not None:
+                self._metrics.set_recommendation(rec.prefill_fraction)

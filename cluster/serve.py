@@ -49,13 +49,27 @@ def start(
     from cluster.app import build_app_from_config
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        connect_ray(address)
     config = settings.to_config()  # generates the preset model if needed
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_healthy(url, ready_timeout_s)
     return url
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address``; ``auto`` (or None) joins a running local cluster
+    if there is one and otherwise starts a private one for this process."""
+    import ray
+
+    if address not in (None, "auto"):
+        ray.init(address=address, configure_logging=False)
+        return
+    try:
+        ray.init(address="auto", configure_logging=False)
+    except ConnectionError:
+        ray.init(include_dashboard=False, configure_logging=False)
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

@@ -42,17 +42,6 @@ log = logging.getLogger(__name__)
 BLOCKING = "blocking"  # concurrency group of calls that wait (poll, prefill)
 
 
-class _Ema:
-    """Exponential moving average (None until the first sample)."""
-
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha = alpha
-        self.value: float | None = None
-
-    def add(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
-
-
 class RankWorker:
     """Ray actor body (``make_rank_worker`` applies ``ray.remote``); one per rank."""
 
@@ -87,8 +76,6 @@ class RankWorker:
         self._is_reporting = False
         self._receiver = None
         self._owners: dict[str, DecodeStage] = {}  # request -> the stage that streams it
-        self._wake = threading.Event()  # prefill: a job arrived
-        self._step_s = _Ema()
         self._metrics = WorkerMetrics(instance_id)
         self._transfer_bytes_per_token = _wire_bytes_per_token(self.engine, config.wire_format)
         self._role = Role(role)
@@ -183,7 +170,6 @@ class RankWorker:
                 future = stage.submit(job)
         if refusal is not None:
             return PrefillResult(job.request_id, -1, len(job.prompt_ids), 0, refusal.message)
-        self._wake.set()
         return future.result()
 
     # ---- decode and mixed roles -------------------------------------------------------------
@@ -255,13 +241,14 @@ class RankWorker:
                 **common,
                 num_free_pages=s.num_free_pages,
                 num_used_pages=s.num_used_pages,
-                num_queued=s.num_queued,
+                num_queued=s.num_queued + s.num_sending,
                 num_queued_tokens=s.num_queued_tokens,
                 num_cached_blocks=s.num_cached_blocks,
                 num_prompt_tokens=s.num_prompt_tokens,
                 num_cached_tokens=s.num_cached_tokens,
                 prefill_tokens_per_s=s.tokens_per_s or None,
                 num_transfer_bytes=s.num_prompt_tokens * self._transfer_bytes_per_token,
+                cached_block_hashes=s.cached_block_hashes,
             )
         return WorkerStats(
             **common,
@@ -269,19 +256,17 @@ class RankWorker:
             num_used_pages=s.num_used_pages,
             num_running=s.num_running,
             num_waiting=s.num_waiting,
+            num_queued_tokens=s.num_queued_prefill_tokens,
+            num_reserved_unfilled_pages=s.num_reserved_unfilled_pages,
+            num_cached_blocks=len(s.cached_block_hashes),
             num_prompt_tokens=s.num_prefill_tokens,
             num_cached_tokens=s.num_cached_tokens,
             num_generated_tokens=s.num_generated_tokens,
             num_steps=s.num_steps,
-            decode_step_s=self._step_s.value,
+            prefill_tokens_per_s=s.prefill_tokens_per_s,
+            decode_step_s=s.decode_step_s,
+            cached_block_hashes=s.cached_block_hashes,
         )
-
-    def prefix_hashes(self) -> frozenset[int]:
-        """Block hashes in the prefill prefix cache (what the scheduler routes by)."""
-        stage = self._stage
-        if isinstance(stage, PrefillStage):
-            return frozenset(stage.stats().cached_block_hashes)
-        return frozenset()
 
     # ---- internals --------------------------------------------------------------------------
     def _make_stage(self, role: Role) -> PrefillStage | DecodeStage:
@@ -303,6 +288,9 @@ class RankWorker:
             ).start()
         return DecodeStage(self.engine, cfg.decode_stage, self._receiver)
 
+    def _stage_config(self):
+        return self.config.mixed_stage if self._role is Role.MIXED else self.config.decode_stage
+
     def _refusal(self, kind: type) -> WorkerError | None:
         """Why this worker cannot take new work of ``kind`` now (caller holds _lock)."""
         if self._is_draining:
@@ -315,7 +303,7 @@ class RankWorker:
         stage = self._stage
         s = stage.stats()
         if isinstance(stage, PrefillStage):
-            return s.num_queued == 0
+            return s.num_queued == 0 and s.num_sending == 0
         return s.num_running == 0 and s.num_waiting == 0 and s.num_transferring == 0
 
     def _start_loop(self) -> threading.Thread:
@@ -329,28 +317,19 @@ class RankWorker:
 
     def _stop_loop(self) -> None:
         self._loop_stop.set()
-        self._wake.set()
         if self._loop_thread.is_alive():
             self._loop_thread.join()
 
     def _step_forever(self, stage: PrefillStage | DecodeStage, stop: threading.Event) -> None:
-        is_decode = isinstance(stage, DecodeStage)
         while not stop.is_set():
-            t0 = time.perf_counter()
             try:
                 did_work = stage.step()
             except Exception:  # a bug in one step must not kill the instance; log it loudly
                 log.exception("%s: step failed", self.instance_id)
                 did_work = False
                 time.sleep(0.05)
-            if did_work:
-                if is_decode and stage.stats().batch_size > 0:
-                    self._step_s.add(time.perf_counter() - t0)
-            elif is_decode:
+            if not did_work:
                 stage.wait_for_work(0.05)
-            else:
-                self._wake.wait(0.05)
-                self._wake.clear()
 
     def _report_forever(self) -> None:
         while not self._closed.wait(self.config.report_interval_s):
@@ -365,13 +344,12 @@ class RankWorker:
         if not self._is_reporting or stats.is_draining:
             return
         if stats.role in ("prefill", "mixed"):
-            hashes = self.prefix_hashes() if stats.role == "prefill" else frozenset()
             self._scheduler.update_prefill.remote(
                 PrefillInstanceState(
                     self.instance_id,
                     stats.num_queued_tokens,
                     stats.prefill_tokens_per_s,
-                    hashes,
+                    frozenset(stats.cached_block_hashes),
                 )
             )
         if stats.role in ("decode", "mixed"):
@@ -381,8 +359,10 @@ class RankWorker:
                     num_free_pages=stats.num_free_pages,
                     num_total_pages=stats.num_total_pages,
                     num_running=stats.num_running,
-                    max_batch_size=self.config.decode_stage.max_batch_size,
+                    max_batch_size=self._stage_config().max_batch_size,
                     decode_step_s=stats.decode_step_s,
+                    num_reserved_unfilled_pages=stats.num_reserved_unfilled_pages,
+                    prefill_tokens_per_s=stats.prefill_tokens_per_s,
                 )
             )
 

@@ -79,9 +79,12 @@ class LocalPrefill:
             seq.block_hashes = self.prefix_cache.hashes_of(seq.job.prompt_ids)
         return seq.block_hashes
 
-    def free(self, seq: DecodeSeq) -> None:
-        with self.cache_lock:
-            self.allocator.free(seq.request_id)
+    def make_room(self, num_tokens: int) -> None:
+        """Evict cached prefix blocks so ``num_tokens`` tokens of pages are free, if it can
+        (before a transfer reserves pages)."""
+        if self.prefix_cache is not None:
+            with self.cache_lock:
+                self.prefix_cache.ensure_free(self.allocator.pages_needed(num_tokens))
 
     def clear(self) -> None:
         if self.prefix_cache is not None:

@@ -31,6 +31,7 @@ import torch
 from decode.batch import DecodeSeq, SeqState, select_batch, stop_ids_for
 from decode.jobs import DecodeConfig, DecodeJob, DecodeStats, TokenBatch
 from decode.local_prefill import LocalPrefill
+from decode.reservations import Reservations
 from decode.streams import TokenStreams
 from prefill.meter import MeanMeter
 from prefill.prefix_cache import PrefixCache
@@ -56,17 +57,24 @@ class DecodeStage:
         self.engine = engine
         self.config = config
         self.receiver = receiver
+        assert receiver is None or receiver.cache is engine.cache, (
+            "the KV receiver must write into this engine's cache"
+        )
         self.allocator = engine.cache.allocator
         self.cache_lock = receiver.cache_lock if receiver is not None else threading.RLock()
         self._lock = threading.Lock()
         self._has_work = threading.Condition(self._lock)
         self._streams = TokenStreams(config.finished_ttl_s)
         self._seqs: dict[str, DecodeSeq] = {}  # every unfinished sequence
-        self._reserved: dict[str, tuple[object, float]] = {}  # reserved, not started: deadline
         self._waiting: deque[DecodeSeq] = deque()  # WAITING_KV / WAITING_PAGES / READY
         self._prefilling: deque[DecodeSeq] = deque()
         self._running: list[DecodeSeq] = []
         self._busy: set[str] = set()
+        self._reservations = (
+            Reservations(receiver, self.allocator, config.reserve_grace_s, self._notify)
+            if receiver is not None
+            else None
+        )
         prefix = PrefixCache(self.allocator) if config.enable_prefix_cache else None
         self._local = LocalPrefill(engine, self.cache_lock, prefix)
         self._eos_token_ids = eos_token_ids(engine)
@@ -81,23 +89,16 @@ class DecodeStage:
     def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> str:
         """Reserve KV pages for an incoming transfer; returns the receiver's "host:port".
         Raises ``OutOfPagesError`` when the pages are not free (the scheduler picks another)."""
-        if self.receiver is None:
+        if self._reservations is None:
             raise RuntimeError(
                 "this stage has no KV receiver; start() the job with first_token_id=None to "
                 "prefill it here"
             )
         with self._lock:
-            old = self._reserved.get(request_id)
-            if old is not None and old[0].done() and old[0].future.exception() is not None:
-                del self._reserved[request_id]  # a failed attempt's leftover: nothing to free
-            elif request_id in self._seqs or old is not None:
-                raise ValueError(f"request {request_id!r} is already reserved or running here")
-        reservation = self.receiver.reserve(request_id, num_tokens, lease_s)
-        reservation.future.add_done_callback(lambda _: self._notify())
-        deadline = time.monotonic() + lease_s + self.config.reserve_grace_s
-        with self._lock:
-            self._reserved[request_id] = (reservation, deadline)
-        return self.receiver.address
+            if request_id in self._seqs:
+                raise ValueError(f"request {request_id!r} is already running here")
+        self._local.make_room(num_tokens)
+        return self._reservations.add(request_id, num_tokens, lease_s)
 
     def start(self, job: DecodeJob) -> None:
         """Add a request. With ``first_token_id`` its KV must come from a ``reserve``d transfer;
@@ -110,7 +111,7 @@ class DecodeStage:
             if rid in self._seqs:
                 raise ValueError(f"request {rid!r} is already running here")
             self._streams.open(rid)
-            reserved = self._reserved.pop(rid, None)
+            reserved = self._reservations.take(rid) if self._reservations else None
             if job.first_token_id is None:
                 if not self._local.can_ever_fit(seq):
                     error = (
@@ -119,15 +120,20 @@ class DecodeStage:
                     )
             elif reserved is None:
                 error = "no KV reservation for this request here: reserve() before start()"
+            elif reserved.num_tokens < job.num_tokens:
+                error = (
+                    f"the reservation holds {reserved.num_tokens} tokens but prompt + max_tokens "
+                    f"is {job.num_tokens}: reserve prompt_len + max_tokens"
+                )
             else:
-                seq.state, seq.reservation = SeqState.WAITING_KV, reserved[0]
+                seq.state, seq.reservation = SeqState.WAITING_KV, reserved
             if error is None:
                 self._seqs[rid] = seq
                 self._waiting.append(seq)
                 is_over = seq.state is SeqState.WAITING_KV and self._check_transfer(seq)
                 self._has_work.notify_all()
-        if reserved is not None and job.first_token_id is None:
-            self._drop_reservation(rid)  # prefilled here after all: the reserved pages go back
+        if reserved is not None and (job.first_token_id is None or error is not None):
+            self._reservations.release(rid)  # prefilled here after all, or unusable
         if error is not None:
             self._streams.finish(rid, "abort", error)
         elif is_over:
@@ -139,16 +145,15 @@ class DecodeStage:
 
     def cancel(self, request_id: str) -> None:
         """Stop a request and free its pages and batch slot; idempotent."""
+        if self._reservations is not None:
+            self._reservations.drop(request_id)
         with self._lock:
-            reserved = self._reserved.pop(request_id, None)
             seq = self._seqs.get(request_id)
             is_busy = request_id in self._busy
             if seq is not None:
                 seq.is_cancelled = True
                 if not is_busy:
                     self._detach(seq)
-        if reserved is not None:
-            self._drop_reservation(request_id)
         if seq is not None:
             self._streams.finish(request_id, "abort")
             if not is_busy:
@@ -162,7 +167,7 @@ class DecodeStage:
             queued_prefill = sum(
                 s.prompt_len - s.num_computed for s in local + list(self._prefilling)
             )
-            pending = [r for r, _ in self._reserved.values() if not r.done()]
+            pending = self._reservations.pending() if self._reservations else []
             pending += [
                 s.reservation
                 for s in waiting
@@ -199,7 +204,9 @@ class DecodeStage:
         """Cancel every request and reservation and drop the prefix cache (shutdown, role
         change). Call it after the loop thread stopped stepping."""
         with self._lock:
-            request_ids = list(self._seqs) + list(self._reserved)
+            request_ids = list(self._seqs)
+        if self._reservations is not None:
+            request_ids += self._reservations.request_ids()
         for rid in request_ids:
             self.cancel(rid)
         self._local.clear()
@@ -223,7 +230,8 @@ class DecodeStage:
         now = time.monotonic()
         if now >= self._next_maintenance:
             self._next_maintenance = now + _MAINTENANCE_INTERVAL_S
-            self._expire_reservations()
+            if self._reservations is not None:
+                self._reservations.expire()
             self._streams.collect_garbage()
         return did_prefill or did_decode
 
@@ -241,7 +249,7 @@ class DecodeStage:
                     self.config.max_batch_size - len(self._running) - len(self._prefilling)
                 )
                 if num_free_slots <= 0:
-                    break
+                    continue  # no slot: still look for transfers that ended
                 if seq.state is SeqState.READY:
                     seq.state = SeqState.RUNNING
                     self._waiting.remove(seq)
@@ -388,22 +396,6 @@ class DecodeStage:
             self.receiver.cancel(seq.request_id, "request ended before its KV arrived")
         with self.cache_lock:
             self.allocator.free(seq.request_id)
-
-    def _drop_reservation(self, request_id: str) -> None:
-        """Release a reservation nobody will start: the receiver frees pending ones; a complete
-        one's pages are ours to free."""
-        self.receiver.cancel(request_id, "reservation released by the decode worker")
-        with self.cache_lock:
-            self.allocator.free(request_id)
-
-    def _expire_reservations(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            expired = [rid for rid, (_, deadline) in self._reserved.items() if now > deadline]
-            for rid in expired:
-                del self._reserved[rid]
-        for rid in expired:
-            self._drop_reservation(rid)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _is_backlogged(self, seq: DecodeSeq) -> bool:

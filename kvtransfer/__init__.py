@@ -1,8 +1,8 @@
 """kvtransfer: stream the compressed MLA latent KV from a prefill instance to a decode instance.
 
 One transfer is one gRPC bidi stream of msgpack frames (wire format: kvtransfer/README.md):
-open, chunks of (layer, token range, raw records, xxh3-64 checksum), close with an overall checksum; the
-receiver answers each frame with a status and how far it has got. Every failure ends both sides
+open, chunks of (layer, token range, raw records, xxh3-64 checksum), close with an overall
+checksum; the receiver answers each frame with a status and how far it has got. Every failure ends both sides
 with a ``Status`` within seconds, and the receiver frees the reserved pages.
 
 How to use (decode side, in the worker process)::
@@ -38,8 +38,9 @@ from kvtransfer.codec import KVLayout, convert_records
 from kvtransfer.config import TransferConfig
 from kvtransfer.errors import Status, TransferError
 from kvtransfer.fingerprint import accepted_fingerprints, model_fingerprint
+from kvtransfer.inbound import Reservation, TransferResult
 from kvtransfer.paging import export_records, import_records
-from kvtransfer.receiver import KVReceiver, Reservation, TransferResult
+from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender, SendResult
 
 __all__ = [

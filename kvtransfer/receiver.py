@@ -20,7 +20,6 @@ import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterator, Mapping
 from concurrent import futures
-from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -30,83 +29,13 @@ from kvtransfer import wire
 from kvtransfer.codec import KVLayout, convert_records
 from kvtransfer.config import TransferConfig
 from kvtransfer.errors import Status, TransferError
+from kvtransfer.inbound import InboundTransfer, Reservation, TransferResult, check_open
 from kvtransfer.paging import import_records
 from model.kv_cache import KVFormat, PagedLatentCache, bytes_per_token
 
 log = logging.getLogger(__name__)
 
 _TOMBSTONES = 4096  # finished transfer ids remembered, so a late resume gets the real outcome
-
-
-@dataclass(frozen=True)
-class TransferResult:
-    """What a completed transfer delivered."""
-
-    request_id: Hashable
-    transfer_id: str
-    num_tokens: int
-    num_layers: int
-    wire_bytes: int
-    num_chunks: int
-    num_duplicates: int
-    num_resumes: int
-    seconds: float  # open to verified close
-
-
-class Reservation:
-    """Pages held for one request's incoming KV, with a lease and a completion future.
-
-    ``future`` resolves to a ``TransferResult`` or raises ``TransferError``. Wait on it from the
-    decode loop (``wait(timeout)``) or add a callback.
-    """
-
-    def __init__(self, request_id: Hashable, num_tokens: int, lease_s: float) -> None:
-        self.request_id = request_id
-        self.num_tokens = num_tokens
-        self.lease_s = lease_s
-        self.future: futures.Future[TransferResult] = futures.Future()
-
-    def wait(self, timeout: float | None = None) -> TransferResult:
-        return self.future.result(timeout)
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def __repr__(self) -> str:
-        return f"Reservation({self.request_id!r}, {self.num_tokens} tokens, done={self.done()})"
-
-
-@dataclass
-class _Entry:
-    """Receiver state of one reservation and (once opened) its transfer."""
-
-    reservation: Reservation
-    block_table: list[int]  # the reserved pages (fixed for the reservation's life)
-    lease_deadline: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    open: wire.OpenMsg | None = None
-    opened_at: float = 0.0
-    last_frame_at: float = 0.0
-    deadline: float = float("inf")
-    next_seq: int = 0
-    chunk_sums: list[int] = field(default_factory=list)  # by seq
-    layer_next: list[int] = field(default_factory=list)  # next token expected per layer
-    digest: wire.TransferDigest = field(default_factory=wire.TransferDigest)  # applied chunks
-    wire_bytes: int = 0
-    num_duplicates: int = 0
-    num_resumes: int = 0
-    context: grpc.ServicerContext | None = None
-    finished: Status | None = None
-
-    def last_layer(self) -> int:
-        n = self.open.num_tokens if self.open else 0
-        full = 0
-        while full < len(self.layer_next) and self.layer_next[full] == n:
-            full += 1
-        return full - 1
-
-    def status(self, code: Status, message: str = "") -> wire.StatusMsg:
-        return wire.StatusMsg(code, message, self.next_seq, self.last_layer())
 
 
 class KVReceiver:
@@ -138,12 +67,13 @@ class KVReceiver:
         self._fingerprints[cache.fmt.value] = fingerprint
         self._layout = KVLayout.of(cache)
         self._lock = threading.Lock()  # guards the dicts below; taken before cache_lock
-        self._by_request: dict[Hashable, _Entry] = {}
-        self._by_transfer: dict[str, _Entry] = {}
+        self._by_request: dict[Hashable, InboundTransfer] = {}
+        self._by_transfer: dict[str, InboundTransfer] = {}
         self._tombstones: OrderedDict[str, wire.StatusMsg] = OrderedDict()
         # streams that have not opened a transfer yet: id -> (context, deadline)
         self._unopened: dict[int, tuple[grpc.ServicerContext, float]] = {}
         self.stats: Counter[str] = Counter()  # outcomes by status value, plus frame counts
+        self._stats_lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
         self._reaper: threading.Thread | None = None
@@ -196,6 +126,10 @@ class KVReceiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
     # ---- reservations (called by the decode worker) -------------------------------------------
     def reserve(
         self, request_id: Hashable, num_tokens: int, lease_s: float | None = None
@@ -213,7 +147,7 @@ class KVReceiver:
             with self.cache_lock:
                 table = list(self.cache.allocator.allocate(request_id, num_tokens))
             res = Reservation(request_id, num_tokens, lease_s)
-            self._by_request[request_id] = _Entry(res, table, time.monotonic() + lease_s)
+            self._by_request[request_id] = InboundTransfer(res, table, time.monotonic() + lease_s)
         return res
 
     def cancel(self, request_id: Hashable, reason: str = "cancelled by the decode worker") -> bool:
@@ -230,7 +164,7 @@ class KVReceiver:
             return len(self._by_request)
 
     # ---- ending a reservation -------------------------------------------------------------------
-    def _finish(self, entry: _Entry, status: wire.StatusMsg) -> bool:
+    def _finish(self, entry: InboundTransfer, status: wire.StatusMsg) -> bool:
         """Complete or fail a reservation exactly once; frees its pages on failure."""
         with entry.lock:
             if entry.finished is not None:
@@ -250,7 +184,7 @@ class KVReceiver:
                     self.cache.allocator.free(res.request_id)
             context = entry.context
             entry.context = None
-        self.stats[status.code.value] += 1
+        self._count(status.code.value)
         if status.code is Status.COMPLETE:
             o = entry.open
             assert o is not None
@@ -283,11 +217,10 @@ class KVReceiver:
             now = time.monotonic()
             with self._lock:
                 entries = list(self._by_request.values())
-            with self._lock:
                 late = [k for k, (_, t) in self._unopened.items() if now > t]
                 silent = [self._unopened.pop(k)[0] for k in late]
             for context in silent:  # a stream that never sends an open must not hold a thread
-                self.stats["silent_streams"] += 1
+                self._count("silent_streams")
                 context.cancel()
             for e in entries:
                 if e.open is None and now > e.lease_deadline:
@@ -303,13 +236,13 @@ class KVReceiver:
     # ---- the stream handler -----------------------------------------------------------------
     def _serve(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """One stream = one transfer (or its resume). Every refusal is a status frame."""
-        entry: _Entry | None = None
+        entry: InboundTransfer | None = None
         key = id(context)
         with self._lock:
             self._unopened[key] = (context, time.monotonic() + self.config.idle_timeout_s)
         try:
             for frame in frames:
-                self.stats["frames"] += 1
+                self._count("frames")
                 try:
                     msg = wire.decode(frame)
                 except wire.WireError as e:
@@ -318,15 +251,22 @@ class KVReceiver:
                         status = entry.status(Status.BAD_FRAME, str(e))
                         self._finish(entry, status)
                     else:
-                        self.stats[Status.BAD_FRAME.value] += 1
+                        self._count(Status.BAD_FRAME.value)
                     yield wire.encode(status)
                     return
-                if entry is None:
-                    entry, status = self._open(msg, context)
-                    with self._lock:
-                        self._unopened.pop(key, None)
-                else:
-                    status = self._apply(entry, msg)
+                try:
+                    if entry is None:
+                        entry, status = self._open(msg, context)
+                        with self._lock:
+                            self._unopened.pop(key, None)
+                    else:
+                        status = self._apply(entry, msg)
+                except Exception as e:  # a bug must cost one transfer, never the server
+                    log.exception("kv receiver: unexpected error on a %s", type(msg).__name__)
+                    status = wire.StatusMsg(Status.BAD_REQUEST, f"receiver error: {e!r}")
+                    if entry is not None:
+                        status = entry.status(Status.BAD_REQUEST, status.message)
+                        self._finish(entry, status)
                 if status is not None:
                     yield wire.encode(status)
                     if status.code.is_error or status.code is Status.COMPLETE:
@@ -339,15 +279,15 @@ class KVReceiver:
                     if entry.context is context:
                         entry.context = None  # stream gone; the idle deadline now runs
                         if entry.finished is None:
-                            self.stats["streams_broken"] += 1
+                            self._count("streams_broken")
 
     def _refuse(self, code: Status, message: str) -> tuple[None, wire.StatusMsg]:
-        self.stats[code.value] += 1
+        self._count(code.value)
         return None, wire.StatusMsg(code, message)
 
     def _open(
         self, msg: wire.Msg, context: grpc.ServicerContext
-    ) -> tuple[_Entry | None, wire.StatusMsg]:
+    ) -> tuple[InboundTransfer | None, wire.StatusMsg]:
         if not isinstance(msg, wire.OpenMsg):
             return self._refuse(
                 Status.BAD_REQUEST, f"first frame must be open, got {type(msg).__name__}"
@@ -373,7 +313,13 @@ class KVReceiver:
                 Status.NO_RESERVATION,
                 f"request {msg.request_id!r} has no pages reserved here; reserve() before sending",
             )
-        refusal = self._check_open(msg, pending)
+        refusal = check_open(
+            msg,
+            self._fingerprints,
+            self.cache.num_layers,
+            lambda fmt: bytes_per_token(fmt, self.cache.kv_lora_rank, self.cache.rope_dim),
+            pending.reservation.num_tokens,
+        )
         with pending.lock:
             busy = pending.finished is not None or pending.open is not None
             if refusal is None and not busy:
@@ -394,40 +340,9 @@ class KVReceiver:
         self._finish(pending, refusal)  # this request's KV cannot come from this sender
         return None, refusal
 
-    def _check_open(self, msg: wire.OpenMsg, entry: _Entry) -> wire.StatusMsg | None:
-        expected = self._fingerprints.get(msg.fmt)
-        if expected is None:
-            return wire.StatusMsg(
-                Status.FINGERPRINT_MISMATCH,
-                f"format {msg.fmt!r} not accepted; this receiver takes {sorted(self._fingerprints)}",
-            )
-        if msg.fingerprint != expected:
-            return wire.StatusMsg(
-                Status.FINGERPRINT_MISMATCH,
-                f"KV fingerprint {msg.fingerprint} is not this model's ({expected}) for format "
-                f"{msg.fmt}: prefill and decode must load the same model and config",
-            )
-        bpt = bytes_per_token(msg.fmt, self.cache.kv_lora_rank, self.cache.rope_dim)
-        if msg.num_layers != self.cache.num_layers or msg.bytes_per_token != bpt:
-            return wire.StatusMsg(
-                Status.BAD_REQUEST,
-                f"open declares {msg.num_layers} layers x {msg.bytes_per_token} B/token, "
-                f"cache has {self.cache.num_layers} x {bpt} B/token in {msg.fmt}",
-            )
-        if not 0 < msg.num_tokens <= entry.reservation.num_tokens:
-            return wire.StatusMsg(
-                Status.TOO_LARGE,
-                f"{msg.num_tokens} tokens declared, {entry.reservation.num_tokens} reserved",
-            )
-        if msg.total_bytes != msg.num_layers * msg.num_tokens * msg.bytes_per_token:
-            return wire.StatusMsg(
-                Status.BAD_REQUEST, f"total_bytes {msg.total_bytes} != layers x tokens x B/token"
-            )
-        return None
-
     def _resume(
-        self, entry: _Entry, msg: wire.OpenMsg, context: grpc.ServicerContext
-    ) -> tuple[_Entry | None, wire.StatusMsg]:
+        self, entry: InboundTransfer, msg: wire.OpenMsg, context: grpc.ServicerContext
+    ) -> tuple[InboundTransfer | None, wire.StatusMsg]:
         old = None
         with entry.lock:
             o = entry.open
@@ -441,19 +356,19 @@ class KVReceiver:
             status = entry.status(Status.ACCEPTED, "resumed")
         if old is not None:
             old.cancel()
-        self.stats["resumes"] += 1
+        self._count("resumes")
         return entry, status
 
     # ---- frames of an open transfer -----------------------------------------------------------
-    def _apply(self, entry: _Entry, msg: wire.Msg) -> wire.StatusMsg | None:
+    def _apply(self, entry: InboundTransfer, msg: wire.Msg) -> wire.StatusMsg | None:
         with entry.lock:
             if entry.finished is not None:
                 return entry.status(entry.finished, "transfer already finished")
             entry.last_frame_at = time.monotonic()
             if isinstance(msg, wire.ChunkMsg):
-                status = self._apply_chunk(entry, msg)
+                status = entry.apply_chunk(msg, self._write)
             elif isinstance(msg, wire.CloseMsg):
-                status = self._apply_close(entry, msg)
+                status = entry.apply_close(msg)
             elif isinstance(msg, wire.PingMsg):
                 return None
             elif isinstance(msg, wire.AbortMsg):
@@ -464,70 +379,20 @@ class KVReceiver:
             self._finish(entry, status)
         return status
 
-    def _apply_chunk(self, entry: _Entry, c: wire.ChunkMsg) -> wire.StatusMsg:
-        o = entry.open
-        assert o is not None
-        if c.seq < entry.next_seq:  # re-sent after a resume; harmless if identical
-            if entry.chunk_sums[c.seq] != c.checksum:
-                return entry.status(
-                    Status.DUPLICATE_CONFLICT, f"chunk {c.seq} re-sent with other bytes"
-                )
-            entry.num_duplicates += 1
-            return entry.status(Status.OK, "duplicate ignored")
-        if c.seq > entry.next_seq:
-            return entry.status(
-                Status.OUT_OF_ORDER, f"chunk {c.seq} arrived, expected {entry.next_seq}"
-            )
-        if c.layer >= o.num_layers or c.end > o.num_tokens or c.start != entry.layer_next[c.layer]:
-            want = entry.layer_next[c.layer] if c.layer < o.num_layers else None
-            return entry.status(
-                Status.OUT_OF_ORDER,
-                f"chunk layer {c.layer} tokens [{c.start}, {c.end}): expected a layer < "
-                f"{o.num_layers} starting at token {want}, ending <= {o.num_tokens}",
-            )
-        n = c.end - c.start
-        if c.data.nbytes != n * o.bytes_per_token:
-            return entry.status(
-                Status.BAD_FRAME,
-                f"chunk carries {c.data.nbytes} B for {n} tokens x {o.bytes_per_token} B",
-            )
-        if wire.checksum(c.data) != c.checksum:
-            return entry.status(
-                Status.CHECKSUM_MISMATCH, f"chunk {c.seq} (layer {c.layer}) is corrupt"
-            )
-        self._write(entry, c.layer, c.start, c.end, c.data, KVFormat(o.fmt))
-        entry.chunk_sums.append(c.checksum)
-        entry.digest.add(c.seq, c.layer, c.start, c.end, c.checksum)
-        entry.next_seq += 1
-        entry.layer_next[c.layer] = c.end
-        entry.wire_bytes += c.data.nbytes
-        return entry.status(Status.OK)
-
     def _write(
-        self, entry: _Entry, layer: int, start: int, end: int, data: memoryview, fmt: KVFormat
+        self,
+        entry: InboundTransfer,
+        layer: int,
+        start: int,
+        end: int,
+        data: memoryview,
+        fmt: KVFormat,
     ) -> None:
         with warnings.catch_warnings():  # the gRPC buffer is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
             src = torch.from_numpy(np.frombuffer(data, dtype=np.uint8)).view(end - start, -1)
         src = convert_records(src, self._layout.with_format(fmt), self.cache.fmt)
         import_records(self.cache, entry.block_table, layer, start, src.to(self.cache.device))
-
-    def _apply_close(self, entry: _Entry, c: wire.CloseMsg) -> wire.StatusMsg:
-        o = entry.open
-        assert o is not None
-        if c.num_chunks != entry.next_seq or any(t != o.num_tokens for t in entry.layer_next):
-            return entry.status(
-                Status.BAD_REQUEST,
-                f"close after {entry.next_seq} chunks (sender says {c.num_chunks}); "
-                f"layers complete: {entry.last_layer() + 1}/{o.num_layers}",
-            )
-        if c.checksum != entry.digest.value:
-            return entry.status(Status.CHECKSUM_MISMATCH, "overall checksum differs")
-        if entry.wire_bytes != o.total_bytes:
-            return entry.status(
-                Status.BAD_REQUEST, f"{entry.wire_bytes} B received, {o.total_bytes} declared"
-            )
-        return entry.status(Status.COMPLETE)
 
 
 _CANCEL_STREAM_ON = frozenset(

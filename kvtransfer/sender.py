@@ -68,6 +68,8 @@ class _Stream:
 class KVSender:
     """Streams one transfer at a time to the receiver at ``address``.
 
+    ``begin``/``send_layer``/``end`` come from one producer thread; ``abort`` may come from any.
+
     ``fingerprint`` is ``model_fingerprint(config, wire format)``: the receiver refuses KV from
     another model, config or format. Pass ``channel`` to share one gRPC channel among senders.
     """
@@ -141,7 +143,6 @@ class KVSender:
         self._complete = False
         self._error: TransferError | None = None
         self._resumes = 0
-        self._close_frame: bytes | None = None
         self._wire_bytes = 0
         self._active = True
         self._generation += 1
@@ -151,11 +152,15 @@ class KVSender:
             target=self._read, args=(self._generation,), name=f"kvsend-{transfer_id}", daemon=True
         )
         self._reader.start()
-        self._wait(
-            lambda: self._accepted,
-            "waiting for the receiver to accept",
-            self.config.connect_timeout_s,
-        )
+        try:
+            self._wait(
+                lambda: self._accepted,
+                "waiting for the receiver to accept",
+                self.config.connect_timeout_s,
+            )
+        except TransferError:
+            self._shutdown()  # the sender can begin another transfer
+            raise
 
     def send_layer(self, layer: int, start: int, end: int, records: torch.Tensor) -> None:
         """Queue tokens [start, end) of ``layer``; records: uint8 [end - start, bytes_per_token].
@@ -196,9 +201,7 @@ class KVSender:
         assert self._active, "end() without begin()"
         try:
             close = wire.encode(wire.CloseMsg(self._seq, self._digest.value))
-            with self._cond:
-                self._close_frame = close
-            self._push(self._seq, close)
+            self._push(self._seq, close)  # kept with the unacknowledged chunks for a resume
             self._wait(lambda: self._complete, "waiting for the receiver to verify the transfer")
         finally:
             self._shutdown()
@@ -219,6 +222,7 @@ class KVSender:
                 self._error = TransferError(Status.ABORTED, reason)
             self._stream.frames.put(wire.encode(wire.AbortMsg(reason)))
             self._stream.end()
+            self._cond.notify_all()  # a send_layer blocked in another thread raises now
         # let the abort reach the receiver (it answers and closes), then drop the call
         self._reader.join(min(1.0, self.config.idle_timeout_s))
         self._shutdown()

@@ -123,6 +123,10 @@ class Engine:
         if n == 0:
             raise ValueError("prefill needs at least one token")
         end = start_pos + n
+        if not self.cache.allocator.has(seq_id):
+            raise ValueError(
+                f"sequence {seq_id!r} holds no pages; allocate them in engine.cache.allocator first"
+            )
         if end > self.cache.allocator.capacity(seq_id):
             raise ValueError(
                 f"sequence {seq_id!r} holds pages for {self.cache.allocator.capacity(seq_id)} "
@@ -150,8 +154,15 @@ class Engine:
         ids = self._ids(token_ids)
         pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         if ids.shape[0] != b or pos.shape[0] != b:
-            raise ValueError(f"decode got {b} seq_ids, {ids.shape[0]} tokens, {pos.shape[0]} positions")
+            raise ValueError(
+                f"decode got {b} seq_ids, {ids.shape[0]} tokens, {pos.shape[0]} positions"
+            )
+        if b == 0:
+            return torch.empty(0, self.config.vocab_size, device=self.device)
         alloc, s = self.cache.allocator, self.cache.page_size
+        missing = [sid for sid in seq_ids if not alloc.has(sid)]
+        if missing:
+            raise ValueError(f"sequences {missing!r} hold no pages; allocate them first")
         tables = [alloc.block_table(sid) for sid in seq_ids]
         pos_list = pos.tolist()
         for sid, p, table in zip(seq_ids, pos_list, tables, strict=True):

@@ -26,12 +26,43 @@ from model.kv_cache import PagedLatentCache
 from model.layers import rms_norm
 from model.rope import RotaryEmbedding, apply_rope
 
+ATTENTION_BLOCK = 256  # queries per score block in prefill attention
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float
+) -> torch.Tensor:
+    """Query i (position start+i) attends keys j <= start+i.
+
+    q [T, n, dq], k [S, n, dq], v [S, n, dv] with S = start + T -> [T, n, dv]. Queries go in
+    blocks; a block only multiplies the keys it can see (the upper triangle is never computed)
+    and masks just its diagonal square. Softmax in fp32.
+    """
+    t, n, _ = q.shape
+    qh = q.transpose(0, 1).contiguous()  # [n, T, dq]
+    kh = k.transpose(0, 1).contiguous()  # [n, S, dq]
+    vh = v.transpose(0, 1).contiguous()  # [n, S, dv]
+    out = q.new_empty(n, t, v.shape[-1])
+    for lo in range(0, t, ATTENTION_BLOCK):
+        hi = min(lo + ATTENTION_BLOCK, t)
+        visible = start + hi
+        scores = torch.bmm(qh[:, lo:hi], kh[:, :visible].transpose(1, 2)).mul_(scale)  # [n, b, S']
+        diag = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).triu(1)
+        scores[:, :, start + lo : visible].masked_fill_(diag, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out[:, lo:hi] = torch.bmm(probs, vh[:, :visible])  # [n, b, dv]
+    return out.transpose(0, 1)
+
 
 class MLA:
     """One layer's MLA weights and its prefill / decode attention."""
 
     def __init__(
-        self, config: ModelConfig, state: dict[str, torch.Tensor], prefix: str, rope: RotaryEmbedding
+        self,
+        config: ModelConfig,
+        state: dict[str, torch.Tensor],
+        prefix: str,
+        rope: RotaryEmbedding,
     ) -> None:
         c = config
         self.n_heads = c.num_attention_heads
@@ -103,12 +134,8 @@ class MLA:
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [S, n, dn], [S, n, dv]
         k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, n, dn+dr]
-        # query i (position start+i) sees keys j <= start+i
-        mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(start)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=self.scale
-        )  # [n, T, dv]
-        return F.linear(out.transpose(0, 1).reshape(t, self.n_heads * self.d_v), self.o_proj)
+        out = causal_attention(q, k, v, start, self.scale)  # [T, n, dv]
+        return F.linear(out.reshape(t, self.n_heads * self.d_v), self.o_proj)
 
     # ---- decode: absorbed attention over pages ------------------------------------------------
     def decode(
@@ -136,5 +163,7 @@ class MLA:
             self.scale,
             validate=False,
         )  # [B, n, R]
-        out = torch.bmm(out_lat.transpose(0, 1), self.w_uv_t)  # [n, B, R] @ [n, R, dv] -> [n, B, dv]
+        out = torch.bmm(
+            out_lat.transpose(0, 1), self.w_uv_t
+        )  # [n, B, R] @ [n, R, dv] -> [n, B, dv]
         return F.linear(out.transpose(0, 1).reshape(b, self.n_heads * self.d_v), self.o_proj)

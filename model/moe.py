@@ -81,9 +81,15 @@ class MoE:
             torch.cat([state[f"{q}.gate_proj.weight"], state[f"{q}.up_proj.weight"]]) for q in p
         ]
         self.gate_up = torch.stack(gate_up).contiguous()  # [E_local, 2I, H]
-        self.down = torch.stack([state[f"{q}.down_proj.weight"] for q in p]).contiguous()  # [E_local, H, I]
-        self.shared = MLP.from_state(state, f"{prefix}.shared_experts") if config.n_shared_experts else None
-        self.counts = torch.zeros(n, dtype=torch.long, device=dev)  # tokens routed per global expert
+        self.down = torch.stack(
+            [state[f"{q}.down_proj.weight"] for q in p]
+        ).contiguous()  # [E_local, H, I]
+        self.shared = (
+            MLP.from_state(state, f"{prefix}.shared_experts") if config.n_shared_experts else None
+        )
+        self.counts = torch.zeros(
+            n, dtype=torch.long, device=dev
+        )  # tokens routed per global expert
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum over the local chosen experts of weight * expert(x); x [T, H] -> [T, H]."""
@@ -97,18 +103,19 @@ class MoE:
         order = torch.argsort(slots, stable=True)
         slots, token, w = slots[order], token[order], w[order]
         per_expert = torch.bincount(slots, minlength=len(self.expert_ids)).tolist()
-        xs = x[token]  # [A, H] tokens grouped by expert
+        xs = x.index_select(0, token)  # [A, H] tokens grouped by expert
         ys = torch.empty_like(xs)
         start = 0
         for slot, n in enumerate(per_expert):
             if n == 0:
                 continue
             end = start + n
-            gate_up = F.linear(xs[start:end], self.gate_up[slot])  # [n, 2I]
+            gate_up = torch.mm(xs[start:end], self.gate_up[slot].t())  # [n, 2I]
             gate, up = gate_up.split(self.inter, dim=-1)
-            ys[start:end] = F.linear(F.silu(gate) * up, self.down[slot])  # [n, H]
+            act = F.silu(gate).mul_(up)  # [n, I]
+            torch.mm(act, self.down[slot].t(), out=ys[start:end])  # [n, H]
             start = end
-        ys = ys * w.to(ys.dtype).unsqueeze(-1)
+        ys.mul_(w.to(ys.dtype).unsqueeze(-1))
         out = torch.zeros_like(x)
         out.index_add_(0, token, ys)
         return out

@@ -44,7 +44,9 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     extrapolation_weight = 1 - ramp  # 1: keep the original frequency, 0: fully interpolated
     inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
     if rs.mscale and rs.mscale_all_dim:
-        factor = yarn_get_mscale(rs.factor, rs.mscale) / yarn_get_mscale(rs.factor, rs.mscale_all_dim)
+        factor = yarn_get_mscale(rs.factor, rs.mscale) / yarn_get_mscale(
+            rs.factor, rs.mscale_all_dim
+        )
     else:
         factor = yarn_get_mscale(rs.factor, 1.0)
     return inv_freq, float(factor)

@@ -76,6 +76,7 @@ class PrefillStats:
     """What the scheduler reads to route prompts to this instance."""
 
     num_queued: int  # jobs waiting or in progress
+    num_sending: int  # computed jobs whose transfer is still draining
     num_queued_tokens: int  # prompt tokens still to compute (cached prefix excluded)
     num_cached_blocks: int
     cached_block_hashes: tuple[int, ...]  # chained hashes of the cached full blocks

@@ -7,9 +7,10 @@ One request:
    prefix's KV is sent first (decode needs the full KV).
 3. Steps compute the uncached suffix ``token_budget`` tokens at a time (a long prompt spans
    steps; short prompts share one); after each layer of each chunk the new KV is sent at once.
-4. The last chunk's logits give the first token; the sink is closed (the receiver confirms the
-   complete, verified KV); the prompt's full blocks enter the prefix cache; the sequence's own
-   page references are freed; the future resolves with a ``PrefillResult``.
+4. The last chunk's logits give the first token; the prompt's full blocks enter the prefix
+   cache and the sequence's own page references are freed; the transfer drains on a closer
+   thread (the step thread moves on to the next prompt) and the future resolves with a
+   ``PrefillResult`` once the receiver confirms the complete, verified KV.
 A send failure, an engine error or ``cancel`` resolves the future with ``error`` set and frees
 the pages; the ingress re-routes.
 """
@@ -19,12 +20,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from kvtransfer import TransferConfig
+from kvtransfer import TransferConfig, TransferError
 from prefill.jobs import PrefillConfig, PrefillJob, PrefillResult, PrefillStats
 from prefill.meter import RateMeter
 from prefill.prefix_cache import PrefixCache, allocate_sequence
@@ -49,6 +50,7 @@ class _Task:
     num_computed: int = 0  # prompt tokens whose KV is written (cached prefix included)
     sink: KVSink | None = None
     is_cancelled: bool = False
+    is_released: bool = False  # sink closed or aborted, pages freed, future resolved
     block_hashes: list[int] = field(default_factory=list)  # of the prompt's full blocks
 
     @property
@@ -71,6 +73,7 @@ class PrefillStage:
         self.cache = engine.cache
         self.allocator = self.cache.allocator
         self._sinks = KVSinks(engine, transfer)
+        self._closer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefill-close")
         self._lock = threading.Lock()  # queue and task state
         self._has_work = threading.Condition(self._lock)
         self._cache_lock = threading.Lock()  # allocator + prefix cache
@@ -115,13 +118,15 @@ class PrefillStage:
             task.is_cancelled = True
             if task is self._running:
                 return  # the step thread stops it at the next layer boundary and cleans up
-            self._queue.remove(task)
+            if task in self._queue:
+                self._queue.remove(task)
             del self._tasks[request_id]
-        self._release(task, error="cancelled")
+        self._release(task, error="cancelled")  # a draining transfer is aborted
 
     def stats(self) -> PrefillStats:
         with self._lock:
             tasks = list(self._queue)
+            num_sending = len(self._tasks) - len(tasks)
         with self._cache_lock:
             queued_tokens = sum(
                 t.num_prompt
@@ -136,6 +141,7 @@ class PrefillStage:
             num_free, num_used = self.allocator.num_free_pages, self.allocator.num_used_pages
         return PrefillStats(
             num_queued=len(tasks),
+            num_sending=num_sending,
             num_queued_tokens=queued_tokens,
             num_cached_blocks=len(hashes),
             cached_block_hashes=tuple(hashes),
@@ -157,11 +163,13 @@ class PrefillStage:
             return bool(self._queue)
 
     def close(self) -> None:
-        """Fail every queued job, drop the prefix cache, close the transfer channels."""
+        """Fail every queued job, abort draining transfers, drop the prefix cache, close the
+        transfer channels. Call it after the loop thread stopped stepping."""
         with self._lock:
-            tasks = [t for t in self._queue if t is not self._running]
-        for task in tasks:
-            self.cancel(task.job.request_id)
+            request_ids = list(self._tasks)
+        for rid in request_ids:
+            self.cancel(rid)
+        self._closer.shutdown(wait=True)
         if self.prefix_cache is not None:
             with self._cache_lock:
                 self.prefix_cache.clear()
@@ -257,23 +265,48 @@ class PrefillStage:
                 self._complete(task, logits)
         except _Cancelled:
             self._finish(task, error="cancelled")
+        except TransferError as e:  # the ingress re-routes on any error
+            self._finish(task, error=f"KV transfer to {job.kv_address} failed: {e}")
         except Exception as e:
-            where = f"KV transfer to {job.kv_address}" if task.sink else "prefill"
-            self._finish(task, error=f"{where} failed: {type(e).__name__}: {e}")
+            self._finish(task, error=f"prefill failed: {type(e).__name__}: {e}")
         return end - start
 
     def _complete(self, task: _Task, logits: torch.Tensor) -> None:
-        first_token_id = sample_token(logits, task.job.sampling, 0)
-        if task.sink is not None:
-            task.sink.close()  # blocks until the receiver confirms the complete KV
-            task.sink = None
+        """Cache the prompt's blocks (valid even if the transfer fails: a re-routed request may
+        come back here), sample the first token, free the pages, hand the transfer's end to a
+        closer thread."""
         if self.prefix_cache is not None:
             with self._cache_lock:
                 table = self.allocator.block_table(task.job.request_id)
                 self.prefix_cache.insert(task.block_hashes, table)
+        first_token_id = sample_token(logits, task.job.sampling, 0)
         self._num_prompt_tokens += task.num_prompt
         self._num_cached_tokens += task.num_cached
-        self._finish(task, first_token_id=first_token_id)
+        if task.sink is None:
+            self._finish(task, first_token_id=first_token_id)
+            return
+        # The sender holds every record it was given, so the pages can go now; the transfer
+        # drains on a closer thread while this thread starts the next prompt.
+        with self._lock:
+            self._queue.remove(task)
+        with self._cache_lock:
+            self.allocator.free(task.job.request_id)
+        task.is_started = False
+        self._closer.submit(self._drain, task, first_token_id)
+
+    def _drain(self, task: _Task, first_token_id: int) -> None:
+        """Closer thread: wait for the receiver to hold the verified KV, then resolve."""
+        sink = task.sink
+        try:
+            if sink is not None:
+                sink.close()  # raises if the transfer failed (or was aborted by a cancel)
+            error = None
+        except Exception as e:
+            error = f"KV transfer to {task.job.kv_address} failed: {e}"
+        if task.is_cancelled:
+            error = "cancelled"
+        task.sink = None if error is None else task.sink
+        self._finish(task, first_token_id, error)
 
     def _finish(self, task: _Task, first_token_id: int = -1, error: str | None = None) -> None:
         with self._lock:
@@ -284,7 +317,11 @@ class PrefillStage:
         self._release(task, first_token_id, error)
 
     def _release(self, task: _Task, first_token_id: int = -1, error: str | None = None) -> None:
-        """Abort the sink on error, free the sequence's pages, resolve the future."""
+        """Abort the sink on error, free the sequence's pages, resolve the future (once)."""
+        with self._lock:
+            if task.is_released:
+                return
+            task.is_released = True
         if task.sink is not None:
             try:
                 task.sink.abort(error or "aborted")

@@ -63,3 +63,27 @@ def test_request_bodies():
         }
     )
     assert chat.max_new_tokens == 5 and chat.messages[0].text() == "a"
+
+
+def test_serve_configs_in_deploy_validate():
+    """Every Serve config in deploy/ imports cluster.app:build_app with valid args."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    configs = sorted((root / "deploy").glob("serve-*.yaml"))
+    assert configs, "deploy/serve-local.yaml is missing"
+    for path in configs:
+        for app in yaml.safe_load(path.read_text())["applications"]:
+            assert app["import_path"] == "cluster.app:build_app", path
+            ServeSettings(**app.get("args", {}))  # raises on an unknown key or a bad value
+
+
+def test_build_app_validates_args(tiny_model_dir):
+    from cluster.app import build_app
+
+    app = build_app({"model": str(tiny_model_dir), "colocated": 1, "cpus_per_rank": 0.5})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValidationError, match="colocatd"):
+        build_app({"colocatd": 1})

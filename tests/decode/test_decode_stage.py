@@ -212,3 +212,54 @@ def test_wait_for_work(stage, decode_engine):
     assert stage.wait_for_work(0.01)
     run_until_idle(stage)
     assert not stage.wait_for_work(0)
+
+
+def test_max_batch_size_bounds_the_batch(decode_engine):
+    stage = DecodeStage(decode_engine, DecodeConfig(max_batch_size=2, prefill_token_budget=64))
+    prompts = make_prompts(decode_engine.config.vocab_size, [6, 9, 12], seed=13)
+    expected = decode_engine.generate(prompts, 5)
+    for i, p in enumerate(prompts):
+        stage.start(local_job(f"b{i}", p, 5))
+    sizes = []
+    while stage.step():
+        stats = stage.stats()
+        sizes.append(stats.batch_size)
+        assert stats.num_running <= 2
+    assert max(sizes) == 2
+    assert [read_all(stage, f"b{i}").token_ids for i in range(3)] == expected
+
+
+def test_cancels_racing_the_loop_thread_leak_nothing(decode_engine):
+    """Cancels arrive from another thread while the loop thread prefills and decodes: every
+    request ends, and every page comes back."""
+    allocator = decode_engine.cache.allocator
+    free_before = allocator.num_free_pages
+    stage = DecodeStage(decode_engine, DecodeConfig(prefill_token_budget=16, max_batch_size=4))
+    prompts = make_prompts(decode_engine.config.vocab_size, [5, 40, 20, 33, 8, 60], seed=14)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            if not stage.step():
+                stage.wait_for_work(0.01)
+
+    looper = threading.Thread(target=loop, daemon=True)
+    looper.start()
+    try:
+        for i, p in enumerate(prompts):
+            stage.start(local_job(f"x{i}", p, 30))
+        for i in range(0, len(prompts), 2):  # every other request, at staggered moments
+            stage.poll(f"x{i}", 0, timeout_s=10)
+            stage.cancel(f"x{i}")
+        outs = {}
+        for i in range(len(prompts)):
+            cursor, batch = 0, None
+            while batch is None or not batch.finished:
+                batch = stage.poll(f"x{i}", cursor, timeout_s=10)
+                cursor = batch.cursor
+            outs[i] = batch.finish_reason
+    finally:
+        stop.set()
+        looper.join(10)
+    assert [outs[i] for i in range(len(prompts))] == ["abort", "length"] * 3
+    assert allocator.num_free_pages == free_before

@@ -123,18 +123,28 @@ def test_corrupted_bytes_detected_through_the_sender(config, receiver, sender, s
 
 
 def test_unknown_transfer(config, receiver) -> None:
+    free = receiver.cache.allocator.num_free_pages
+    res = receiver.reserve("req", 4)
     answers = raw_exchange(receiver.address, [open_frame(config, "req", 4, resume=True)])
     assert [a.code for a in answers] == [Status.UNKNOWN_TRANSFER]
     assert receiver.stats[Status.UNKNOWN_TRANSFER.value] == 1
+    assert not res.done()  # a stray resume does not disturb the real reservation
+    receiver.cancel("req")
+    assert receiver.cache.allocator.num_free_pages == free
 
 
 def test_no_reservation(receiver, sender, source) -> None:
+    free = receiver.cache.allocator.num_free_pages
     fill(source, "p", 10)
     with pytest.raises(TransferError) as e:
         send_all(sender, source, "p", "never-reserved", 10)
     assert e.value.status is Status.NO_RESERVATION
     assert "reserve()" in str(e.value)
     assert receiver.stats[Status.NO_RESERVATION.value] == 1
+    assert receiver.cache.allocator.num_free_pages == free
+    res = receiver.reserve("later", 10)  # the refused sender is free for the next transfer
+    send_all(sender, source, "p", "later", 10)
+    assert res.wait(WAIT).num_tokens == 10
 
 
 @pytest.mark.parametrize(

@@ -25,15 +25,17 @@ def engine(tiny_model_dir):
 
 
 def _prompt(seed: int, length: int, vocab: int = 500) -> list[int]:
-    return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randint(
+        0, vocab, (length,), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
 
 
 def test_chunked_prefill_equals_one_shot(engine):
-    prompt = _prompt(0, 40)
+    prompt = _prompt(0, 70)
     engine.chunk_size = 512
     one_shot = engine.prefill_logits(prompt)
     try:
-        for chunk in (1, 7, 32):
+        for chunk in (1, 7, 64):
             engine.chunk_size = chunk
             assert (engine.prefill_logits(prompt) - one_shot).abs().max().item() <= 1e-5
     finally:
@@ -130,7 +132,9 @@ def test_fp8_kv_cache_within_tolerance(tiny_model_dir, engine):
 
 
 def test_fp8_checkpoint_within_tolerance(tiny_model_dir, tiny_fp8_model_dir, engine):
-    fp8w = Engine.load(tiny_fp8_model_dir, dtype=torch.float32, kv_format="fp32", max_num_tokens=256)
+    fp8w = Engine.load(
+        tiny_fp8_model_dir, dtype=torch.float32, kv_format="fp32", max_num_tokens=256
+    )
     prompt = _prompt(8, 40)
     ref, got = engine.prefill_logits(prompt), fp8w.prefill_logits(prompt)
     # block-FP8 weights (e4m3: 3 mantissa bits, ~6% per weight): stated tolerance mean abs diff
@@ -147,7 +151,9 @@ def test_sampling_seeded_reproducible_and_top_k_1_is_greedy(engine):
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7)
     first = engine.generate(prompts, 10, params)
     assert engine.generate(prompts, 10, params) == first
-    other = engine.generate(prompts, 10, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=8))
+    other = engine.generate(
+        prompts, 10, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=8)
+    )
     assert other != first
     assert all(len(o) == 10 for o in first)
 
@@ -155,7 +161,10 @@ def test_sampling_seeded_reproducible_and_top_k_1_is_greedy(engine):
 def test_expert_subsets_sum_to_all_experts(tiny_model_dir, engine):
     n = engine.config.n_routed_experts
     halves = [list(range(0, n, 2)), list(range(1, n, 2))]
-    parts = [Engine.load(tiny_model_dir, kv_format="fp32", expert_ids=h, max_num_tokens=64) for h in halves]
+    parts = [
+        Engine.load(tiny_model_dir, kv_format="fp32", expert_ids=h, max_num_tokens=64)
+        for h in halves
+    ]
     layer = engine.config.moe_layer_ids[0]
     full = engine.model.layers[layer].ffn
     x = torch.randn(9, engine.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -179,3 +188,11 @@ def test_fingerprint_depends_on_kv_format(tiny_model_dir, engine):
     fp8 = Engine.load(tiny_model_dir, kv_format="fp8", max_num_tokens=64)
     assert engine.fingerprint != fp8.fingerprint
     assert engine.tokenizer is not None and engine.tokenizer.vocab_size == engine.config.vocab_size
+
+
+def test_worker_api_refuses_sequences_without_pages(engine):
+    with pytest.raises(ValueError, match="holds no pages"):
+        engine.prefill("nobody", [1, 2, 3])
+    with pytest.raises(ValueError, match="hold no pages"):
+        engine.decode(["nobody"], [1], [0])
+    assert engine.decode([], [], []).shape == (0, engine.config.vocab_size)

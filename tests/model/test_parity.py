@@ -6,48 +6,16 @@ presets have YaRN active (factor > 1, mscale_all_dim set), so rope and softmax s
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model.config import ModelConfig  # noqa: E402
 from model.engine import Engine  # noqa: E402
+from model.hf_reference import hf_reference  # noqa: E402
 from model.rope import RotaryEmbedding, yarn_inv_freq  # noqa: E402
-from model.weights import load_state_dict  # noqa: E402
 
 PRESET_FIXTURES = ["tiny_model_dir", "dsv3_tiny_model_dir"]
-
-
-def hf_reference(model_dir) -> torch.nn.Module:
-    """HF DeepseekV3ForCausalLM (fp32, eager) holding the checkpoint's weights.
-
-    HF stores routed experts stacked (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]); the
-    checkpoint has one tensor per expert, so they are stacked here.
-    """
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    raw = json.loads((model_dir / "config.json").read_text())
-    raw.pop("model_type")
-    hf_config = DeepseekV3Config(**raw)
-    hf_config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = DeepseekV3ForCausalLM(hf_config).float().eval()
-    config = ModelConfig.from_json(model_dir)
-    state = load_state_dict(model_dir, config, dtype=torch.float32)
-    out = {k: v for k, v in state.items() if ".experts." not in k}
-    for i in config.moe_layer_ids:
-        p = f"model.layers.{i}.mlp.experts"
-        experts = range(config.n_routed_experts)
-        out[f"{p}.gate_up_proj"] = torch.stack(
-            [torch.cat([state[f"{p}.{e}.gate_proj.weight"], state[f"{p}.{e}.up_proj.weight"]]) for e in experts]
-        )
-        out[f"{p}.down_proj"] = torch.stack([state[f"{p}.{e}.down_proj.weight"] for e in experts])
-    missing, unexpected = hf.load_state_dict(out, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    return hf
 
 
 @pytest.fixture(scope="module", autouse=True)

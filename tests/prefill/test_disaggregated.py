@@ -7,6 +7,7 @@ every page free on both instances.
 import random
 import threading
 import time
+from concurrent import futures
 
 import pytest
 
@@ -25,10 +26,13 @@ def make_prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[lis
 
 
 def step_until_done(stage, future, max_steps: int = 10_000):
+    """Step until the job's future resolves (its transfer drains on the stage's closer thread,
+    so an idle step waits a little for it)."""
     for _ in range(max_steps):
         if future.done():
             return future.result()
-        stage.step()
+        if not stage.step():
+            futures.wait([future], timeout=0.01)
     raise AssertionError(f"prefill not done after {max_steps} steps")
 
 
@@ -248,14 +252,14 @@ def test_seeded_sampling_matches_colocated(pair, decode_engine, prefill_engine):
 def test_short_prompts_share_one_step(pair, prefill_engine):
     prefill, _, _ = pair
     prompts = make_prompts(prefill_engine.config.vocab_size, [10, 12, 9, 30], seed=30)
-    futures = [prefill.submit(PrefillJob(f"q{i}", p)) for i, p in enumerate(prompts)]
+    pending = [prefill.submit(PrefillJob(f"q{i}", p)) for i, p in enumerate(prompts)]
     assert prefill.stats().num_queued_tokens == 61
     assert prefill.step()  # budget 40: the first three (31 tokens) and 9 tokens of the fourth
-    assert [f.done() for f in futures] == [True, True, True, False]
+    assert [f.done() for f in pending] == [True, True, True, False]
     assert prefill.stats().num_queued_tokens == 21
-    firsts = [f.result(0).first_token_id for f in futures[:3]]
+    firsts = [f.result(0).first_token_id for f in pending[:3]]
     assert firsts == [out[0] for out in prefill_engine.generate(prompts[:3], 1)]
-    step_until_done(prefill, futures[3])
+    step_until_done(prefill, pending[3])
 
 
 def test_reserved_request_prefilled_locally_after_all(pair, decode_engine):
@@ -284,3 +288,11 @@ def test_reserve_again_after_a_failed_reservation(pair, decode_engine):
     assert decode.stats().num_transferring == 1
     decode.cancel("again")
     assert decode.stats().num_transferring == 0
+
+
+def test_start_beyond_the_reservation_is_an_error(pair, decode_engine):
+    _, decode, _ = pair
+    decode.reserve("short", 10, 5.0)
+    decode.start(DecodeJob("short", [1, 2, 3, 4, 5, 6], first_token_id=7, max_tokens=8))
+    out = decode.poll("short", 0, timeout_s=0)
+    assert out.finished and "reservation holds 10 tokens" in out.error

@@ -1,0 +1,89 @@
+"""KV reservations made in the receiver for requests that have not been started yet.
+
+``reserve`` sets pages aside in the ``KVReceiver`` (which fills them from a prefill instance);
+``start`` takes the reservation over. One nobody takes within its lease plus a grace period is
+released (the ingress gave up on it), so an abandoned request never pins pages.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from model.pages import PageAllocator
+
+
+class Reservations:
+    """request_id -> (receiver ``Reservation``, deadline to be started by)."""
+
+    def __init__(
+        self,
+        receiver,
+        allocator: PageAllocator,
+        grace_s: float,
+        on_done: Callable[[], None],
+    ) -> None:
+        self.receiver = receiver
+        self.allocator = allocator
+        self.grace_s = grace_s
+        self._on_done = on_done  # wakes the decode loop when a transfer ends
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[object, float]] = {}
+
+    def __contains__(self, request_id: str) -> bool:
+        with self._lock:
+            return request_id in self._entries
+
+    def request_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def add(self, request_id: str, num_tokens: int, lease_s: float) -> str:
+        """Reserve pages for ``num_tokens`` tokens; returns the receiver address. Raises
+        ``OutOfPagesError``, or ValueError for an id with a live reservation."""
+        with self._lock:
+            old = self._entries.get(request_id)
+            if old is not None:
+                if not (old[0].done() and old[0].future.exception() is not None):
+                    raise ValueError(f"request {request_id!r} is already reserved here")
+                del self._entries[request_id]  # a failed attempt's leftover: nothing to free
+            reservation = self.receiver.reserve(request_id, num_tokens, lease_s)
+            deadline = time.monotonic() + lease_s + self.grace_s
+            self._entries[request_id] = (reservation, deadline)
+        reservation.future.add_done_callback(lambda _: self._on_done())
+        return self.receiver.address
+
+    def take(self, request_id: str):
+        """The reservation of a request being started (None if there is none); it is the
+        sequence's from now on."""
+        with self._lock:
+            entry = self._entries.pop(request_id, None)
+        return entry[0] if entry is not None else None
+
+    def drop(self, request_id: str) -> bool:
+        """Release a reservation nobody will start; False if there was none."""
+        with self._lock:
+            entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            self.release(request_id)
+        return entry is not None
+
+    def release(self, request_id: str) -> None:
+        """Give a request's reserved pages back: the receiver frees them while the KV is still
+        arriving; once complete they are ours to free."""
+        self.receiver.cancel(request_id, "reservation released by the decode worker")
+        with self.receiver.cache_lock:
+            self.allocator.free(request_id)
+
+    def expire(self) -> list[str]:
+        """Release reservations not started by their deadline; returns their ids."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [rid for rid, (_, deadline) in self._entries.items() if now > deadline]
+        return [rid for rid in expired if self.drop(rid)]
+
+    def pending(self) -> list:
+        """Reservations whose KV is still arriving."""
+        with self._lock:
+            return [r for r, _ in self._entries.values() if not r.done()]

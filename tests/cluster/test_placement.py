@@ -1,0 +1,35 @@
+"""Instances land on the nodes whose resources they ask for (two fake nodes, own Ray).
+
+``ray.cluster_utils.Cluster`` needs a Ray of its own, so the check runs in a subprocess and the
+session's shared Ray is left alone."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pools_follow_their_resources(tiny_model_dir):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("placement_check.py")), str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    by_role: dict[str, list[list[str]]] = {}
+    for inst in result["instances"]:
+        assert inst["state"] == "serving"
+        by_role.setdefault(inst["role"], []).append(inst["node_ids"])
+    assert by_role["prefill"] == [[result["prefill_node"]]]
+    assert by_role["decode"] == [[result["decode_node"]]]
+    # each rank's bundle holds one unit of its pool's resource
+    assert result["available"]["pool-prefill"] == 3.0
+    assert result["available"]["pool-decode"] == 3.0
