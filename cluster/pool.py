@@ -160,10 +160,12 @@ class PoolManager:
                 inst.state = MOVING
                 await inst.leader.set_reporting.remote(False)
                 await self.scheduler.remove_instance.remote(instance_id)
-                answer = await inst.leader.set_role.remote(role)
-                if not hasattr(answer, "instance_id"):
+                try:
+                    answer = await inst.leader.set_role.remote(role)
+                except Exception as e:  # a worker that failed half-way is replaced, not reused
                     inst.state = SERVING
-                    raise RuntimeError(f"{instance_id}: role change failed: {answer}")
+                    await self._heal(inst)
+                    raise RuntimeError(f"{instance_id}: role change failed: {e}") from e
                 inst.role, inst.infos[0] = role, answer
                 await self._register(inst)
                 self._targets[old] -= 1

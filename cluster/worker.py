@@ -116,7 +116,7 @@ class RankWorker:
         if is_on:
             self._report()
 
-    def set_role(self, role: str) -> WorkerInfo | WorkerError:
+    def set_role(self, role: str) -> WorkerInfo:
         """Drain in-flight work, then serve ``role`` with the same engine (no weight reload)."""
         new_role = Role(role)
         with self._role_lock:

@@ -162,7 +162,9 @@ class ModelConfig:
         if rs_raw:
             rs_type = rs_raw.get("type", rs_raw.get("rope_type"))
             if rs_type != "yarn":
-                raise ConfigError(f"{source}: rope_scaling type {rs_type!r} unsupported; use 'yarn'")
+                raise ConfigError(
+                    f"{source}: rope_scaling type {rs_type!r} unsupported; use 'yarn'"
+                )
             rope_scaling = RopeScaling(
                 type="yarn",
                 factor=float(rs_raw.get("factor", 1.0)),

@@ -86,7 +86,9 @@ class PagedLatentCache:
         self.allocator = PageAllocator(num_pages, page_size)
         # uint8 [num_pages, page_size, bytes_per_token] per layer
         self.pages = [
-            torch.zeros(num_pages, page_size, self.bytes_per_token, dtype=torch.uint8, device=device)
+            torch.zeros(
+                num_pages, page_size, self.bytes_per_token, dtype=torch.uint8, device=device
+            )
             for _ in range(num_layers)
         ]
 
@@ -132,7 +134,11 @@ class PagedLatentCache:
         n = c_kv.shape[0]
         if self.fmt is KVFormat.FP8:
             q, scale = quantize_latent_fp8(c_kv)
-            parts = [q.view(torch.uint8), scale.view(torch.uint8), k_pe.to(torch.bfloat16).view(torch.uint8)]
+            parts = [
+                q.view(torch.uint8),
+                scale.view(torch.uint8),
+                k_pe.to(torch.bfloat16).view(torch.uint8),
+            ]
             return torch.cat([p.reshape(n, -1) for p in parts], dim=-1)
         dt = self.fmt.torch_dtype
         rec = torch.cat([c_kv.to(dt), k_pe.to(dt)], dim=-1).contiguous()
@@ -170,7 +176,11 @@ class PagedLatentCache:
 
     def import_layer(self, seq_id: Hashable, layer: int, start: int, records: torch.Tensor) -> None:
         """Store packed records (uint8 [n, bytes_per_token], this cache's format) at [start, start+n)."""
-        if records.dtype != torch.uint8 or records.dim() != 2 or records.shape[1] != self.bytes_per_token:
+        if (
+            records.dtype != torch.uint8
+            or records.dim() != 2
+            or records.shape[1] != self.bytes_per_token
+        ):
             raise ValueError(
                 f"records must be uint8 [n, {self.bytes_per_token}] ({self.fmt.value}), "
                 f"got {records.dtype} {tuple(records.shape)}"

@@ -29,7 +29,9 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+def make_generator(
+    params: SamplingParams, device: torch.device | str = "cpu"
+) -> torch.Generator | None:
     """A per-request generator so seeded requests reproduce whatever they are batched with."""
     if params.seed is None:
         return None

@@ -1,6 +1,44 @@
 """Shared pytest fixtures."""
 
 import pytest
+import torch
+
+# Engines for the stage tests: small pages and chunks so short prompts still span several.
+STAGE_PAGE_SIZE = 16
+STAGE_CHUNK_SIZE = 16
+STAGE_NUM_PAGES = 96
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The test models' ops take microseconds: on a shared 2-core box two intra-op threads per op
+    spin against each other (10-100x slower steps while Ray workers run), so tests use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _stage_engine(model_dir):
+    from model import Engine
+
+    return Engine.load(
+        model_dir,
+        kv_format="bf16",
+        num_pages=STAGE_NUM_PAGES,
+        page_size=STAGE_PAGE_SIZE,
+        chunk_size=STAGE_CHUNK_SIZE,
+    )
+
+
+@pytest.fixture(scope="session")
+def decode_engine(tiny_model_dir):
+    return _stage_engine(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def prefill_engine(tiny_model_dir):
+    return _stage_engine(tiny_model_dir)
 
 
 # ---- generated checkpoints (model/checkpoint.py), shared by every test package ------------------

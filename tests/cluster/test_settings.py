@@ -72,10 +72,14 @@ def test_serve_configs_in_deploy_validate():
     import yaml
 
     root = Path(__file__).resolve().parents[2]
-    configs = sorted((root / "deploy").glob("serve-*.yaml"))
+    configs = {p: yaml.safe_load(p.read_text()) for p in (root / "deploy").glob("serve-*.yaml")}
     assert configs, "deploy/serve-local.yaml is missing"
-    for path in configs:
-        for app in yaml.safe_load(path.read_text())["applications"]:
+    for path in (root / "deploy" / "kuberay").glob("*.yaml"):  # RayService: embedded Serve config
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and "serveConfigV2" in doc.get("spec", {}):
+                configs[path] = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    for path, config in configs.items():
+        for app in config["applications"]:
             assert app["import_path"] == "cluster.app:build_app", path
             ServeSettings(**app.get("args", {}))  # raises on an unknown key or a bad value
 

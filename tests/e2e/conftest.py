@@ -135,9 +135,6 @@ def make_prompt(n: int, seed: int) -> list[int]:
 @pytest.fixture(scope="session")
 def greedy_cases(reference_engine) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, offline greedy output) for five prompts, one of them 4K+ tokens."""
-    import torch
-
-    torch.set_num_threads(1)
     prompts = [make_prompt(n, seed) for seed, n in enumerate([5, 17, 64, 130, LONG_PROMPT_LEN])]
     outputs = [reference_engine.generate([p], MAX_TOKENS)[0] for p in prompts]
     return list(zip(prompts, outputs, strict=True))

@@ -10,15 +10,6 @@ from model.engine import Engine
 from model.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP overhead (and fights with parallel test runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return Engine.load(tiny_model_dir, dtype=torch.float32, kv_format="fp32", max_num_tokens=2048)

@@ -18,15 +18,6 @@ from model.rope import RotaryEmbedding, yarn_inv_freq  # noqa: E402
 PRESET_FIXTURES = ["tiny_model_dir", "dsv3_tiny_model_dir"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP overhead (and fights with parallel test runs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=PRESET_FIXTURES)
 def pair(request):
     model_dir = request.getfixturevalue(request.param)
