@@ -2,11 +2,12 @@
 
     python bench/engine.py [--quick] --json PATH [--model-dir .models/k2-small]
 
-Runs on the ``k2-small`` preset (generated into ``--model-dir`` if absent), fp32 weights and
-activations (CPU bf16 GEMMs are far slower than fp32 on machines without bf16 units; the bench
-measures bf16 GEMM too in the full run), bf16 latent KV cache. Parts:
+Runs on the ``k2-small`` preset (generated into ``--model-dir`` if absent), bf16 latent KV
+cache, weights and activations in ``--dtype`` for both sides: ``auto`` (default) measures fp32
+and bf16 GEMMs first and takes the faster (bf16 on CPUs with bf16 units, fp32 on those without,
+where bf16 GEMMs are emulated and several times slower). Parts:
 
-1. machine: fp32 GEMM FLOP/s on model-like shapes (best of them) and memcpy bandwidth
+1. machine: GEMM FLOP/s in each dtype on model-like shapes (best of them) and memcpy bandwidth
    (bytes copied per second, one direction, 256 MiB);
 2. prefill tokens/s at 1K/4K/16K prompt tokens (--quick: 1K/4K), tidal (chunks of
    ``--chunk-size``, default 4096) vs HF (one shot; skipped at 16K: its [heads, T, T] score
@@ -22,7 +23,7 @@ one is the baseline (``hf_attention_implementation`` in the JSON). Default one t
 (``--threads``), for both sides.
 
 Derived: ``prefill_flops_fraction`` = useful model FLOP/s (linear layers with the active
-experts + causal attention) / measured GEMM FLOP/s; ``decode_roofline_fraction`` = (bytes one
+experts + causal attention) / measured GEMM FLOP/s in the run's dtype; ``decode_roofline_fraction`` = (bytes one
 step must touch: weights actually read, counting only the experts the step routed to, plus the
 KV of every sequence) / memcpy bandwidth / measured step time.
 """
@@ -47,6 +48,7 @@ from model.kv_cache import bytes_per_token  # noqa: E402
 from model.moe import MoE  # noqa: E402
 
 CONTEXT = 1024
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HF_ATTENTION = ("eager", "sdpa")  # HF is timed with both; the faster one is the baseline
 
 
@@ -228,7 +230,9 @@ def hf_decode(hf, c: ModelConfig, batch: int, steps: int) -> tuple[float, int]:
     cache = DynamicCache(config=hf.config)
     for layer in range(c.num_hidden_layers):
         cache.update(
-            c_kv.expand(batch, 1, -1, -1).clone(), k_pe.expand(batch, 1, -1, -1).clone(), layer
+            c_kv.expand(batch, 1, -1, -1).to(hf.dtype, copy=True),
+            k_pe.expand(batch, 1, -1, -1).to(hf.dtype, copy=True),
+            layer,
         )
     hf_bytes = 0
     for layer in cache.layers:
@@ -260,6 +264,12 @@ def main() -> None:
         "cost up to 100x when the other core is busy; use all cores on an idle machine)",
     )
     ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="weights and activations, both sides (auto: the dtype with the faster GEMM here)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,28 +282,28 @@ def main() -> None:
     steps = 5 if args.quick else 10
     page = 64
     max_tokens = max(max(prefill_lengths), 32 * page * -(-(CONTEXT + steps + 1) // page))
+    c = ModelConfig.from_json(args.model_dir / "config.json")
+    flops_by_dtype = {name: gemm_flops(c, dt) for name, dt in DTYPES.items()}
+    name = max(flops_by_dtype, key=flops_by_dtype.get) if args.dtype == "auto" else args.dtype
+    dtype, flops = DTYPES[name], flops_by_dtype[name]
+    bw = copy_bandwidth()
+    print(
+        "machine: GEMM "
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops_by_dtype.items())
+        + f" GFLOP/s, memcpy {bw / 1e9:.2f} GB/s, threads {torch.get_num_threads()}; "
+        f"running in {name}",
+        flush=True,
+    )
     engine = Engine.load(
         args.model_dir,
-        dtype=torch.float32,
+        dtype=dtype,
         kv_format="bf16",
         chunk_size=args.chunk_size,
         max_num_tokens=max_tokens,
     )
-    c = engine.config
     from model.hf_reference import hf_reference
 
-    hf = hf_reference(args.model_dir, dtype=torch.float32)
-
-    flops = gemm_flops(c)
-    bf16_flops = gemm_flops(c, torch.bfloat16) if not args.quick else None
-    bw = copy_bandwidth()
-    print(
-        f"machine: fp32 GEMM {flops / 1e9:.1f} GFLOP/s, memcpy {bw / 1e9:.2f} GB/s, "
-        f"threads {torch.get_num_threads()}",
-        flush=True,
-    )
-    if bf16_flops is not None:
-        print(f"         bf16 GEMM {bf16_flops / 1e9:.1f} GFLOP/s", flush=True)
+    hf = hf_reference(args.model_dir, dtype=dtype)
 
     ours_prefill(engine, 256)  # warm-up
     hf_prefill(hf, c, 64)
@@ -333,8 +343,9 @@ def main() -> None:
         "model": str(args.model_dir),
         "quick": args.quick,
         "threads": torch.get_num_threads(),
+        "dtype": name,
         "gemm_flops": flops,
-        "gemm_flops_bf16": bf16_flops,
+        "gemm_flops_by_dtype": flops_by_dtype,
         "copy_bandwidth": bw,
         "prefill_tokens_per_s": {
             str(t): {"ours": t / o, "hf": (t / h if h else None)} for t, (o, h) in prefill.items()

@@ -102,8 +102,14 @@ class PageAllocator:
             self._ref[p] += 1
 
     def release(self, pages: Sequence[int]) -> int:
+        """Drop one reference to each page; returns how many went back to the free list.
+
+        Pages are pushed in reverse so the next ``allocate`` pops them in ascending order: a
+        freed run of consecutive pages comes back as a run, which decode attention reads as a
+        view of the pool instead of gathering it page by page.
+        """
         freed = 0
-        for p in pages:
+        for p in reversed(pages):
             assert self._ref[p] > 0, f"release of unheld page {p}"
             self._ref[p] -= 1
             if self._ref[p] == 0:

@@ -99,6 +99,27 @@ def test_reference_matches_dense_attention(fmt):
     )
 
 
+@pytest.mark.parametrize("strategy", ["batched", "per_sequence"])
+def test_bf16_queries_on_a_bf16_cache_track_fp32(monkeypatch, strategy):
+    # bf16 q on a bf16 cache: the matmuls take the bf16 records in place (scores and output
+    # lifted to fp32 at once, P rounded to bf16), as a GPU kernel does. Stated tolerance: every
+    # output within 2% of the output's largest magnitude of the fp32 computation on the same
+    # bf16-rounded records and queries.
+    min_pages = 10**9 if strategy == "batched" else 0
+    monkeypatch.setattr(mla_decode_reference, "_PER_SEQUENCE_MIN_PAGES", min_pages)
+    lens = [1, 17, 50, 64, 130]
+    cache, tables, seq_lens = make_cache("bf16", lens)
+    q, q_pe = random_queries(len(lens), 4, 128, 32, torch.bfloat16)
+    out = paged_mla_decode(q, q_pe, cache, 1, tables, seq_lens, 0.1)
+    assert out.dtype == torch.bfloat16
+    ref = dense_attention(q.float(), q_pe.float(), cache, 1, seq_lens, 0.1)
+    err = (out.float() - ref).abs().amax(dim=(1, 2)) / ref.abs().amax(dim=(1, 2))
+    assert err.max().item() <= 0.02, err
+    # and it is not the fp32 path in disguise: the bf16 rounding of P leaves a trace
+    exact = paged_mla_decode(q.float(), q_pe.float(), cache, 1, tables, seq_lens, 0.1)
+    assert not torch.equal(out, exact.to(torch.bfloat16))
+
+
 def test_make_block_tables_feeds_the_decode():
     lens = [40, 3, 17]
     cache, tables, seq_lens = make_cache("fp32", lens)

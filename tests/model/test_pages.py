@@ -49,3 +49,16 @@ def test_shared_pages_are_reference_counted():
     a.free("second")
     assert a.num_free_pages == 4  # the cache still holds the prefix
     assert a.release(prefix) == 2 and a.num_free_pages == 6
+
+
+def test_freed_runs_come_back_as_ascending_runs():
+    # decode attention reads a run of consecutive pages as one view of the pool; churn must not
+    # turn every later reservation into descending single pages
+    a = PageAllocator(num_pages=12, page_size=16)
+    first = [a.allocate(i, 64) for i in range(3)]
+    assert first == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    for i in range(3):
+        a.free(i)
+    again = [a.allocate(i, 64) for i in range(3)]
+    assert all(t == list(range(t[0], t[0] + 4)) for t in again)
+    assert sorted(p for t in again for p in t) == list(range(12))
