@@ -175,9 +175,7 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 # ---- reading records ------------------------------------------------------------------------
-def _records(
-    cache: PagedLatentCache, layer: int, ids: PageIds, dtype: torch.dtype
-) -> torch.Tensor:
+def _records(cache: PagedLatentCache, layer: int, ids: PageIds, dtype: torch.dtype) -> torch.Tensor:
     """Pages ``ids`` of one layer -> records [num_pages * S, R + rope] (c_kv ‖ k_pe) in ``dtype``
     (``_matmul_dtype``: fp32, or bf16 for a bf16 cache).
 
