@@ -31,6 +31,9 @@ class SchedulerConfig:
     default_prefill_tokens_per_s: float = 8_000.0
     default_decode_step_s: float = 0.05
     min_retry_after_s: float = 1.0
+    # A report arriving this long after a prefill finished was taken after it (the workers'
+    # report interval plus the call's latency, with room to spare).
+    report_lag_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("ttft_slo_s", "transfer_bytes_per_s", "default_prefill_tokens_per_s"):

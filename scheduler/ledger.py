@@ -31,6 +31,10 @@ class InstanceBook:
     num_assigned: int = 0  # requests decoding (or about to) here
     num_pending_tokens: int = 0  # prefill tokens routed here, not yet done
     pending_hashes: Counter[int] = field(default_factory=Counter)  # blocks being prefilled here
+    # Blocks of prefills finished here (hash -> scheduler time), counted as cached until a
+    # report surely taken after that time replaces them: reports arrive every few hundred ms,
+    # and a request sharing the prefix may be routed in between.
+    recent_hashes: dict[int, float] = field(default_factory=dict)
 
     @property
     def can_prefill(self) -> bool:
@@ -110,8 +114,16 @@ class Ledger:
         if r is None or r.is_prefill_done:
             return False
         self._release_prefill(r)
+        p = self.instances.get(r.prefill_id)
+        if p is not None and p.can_prefill:  # decode-only instances keep no prefix cache
+            p.recent_hashes.update(dict.fromkeys(r.spec.block_hashes, now))
         r.decode_start_s = now
         return True
+
+    def forget_recent(self, instance_id: str, before: float) -> None:
+        """A report taken after ``before`` arrived: it shows what is really cached by then."""
+        book = self.get(instance_id)
+        book.recent_hashes = {h: t for h, t in book.recent_hashes.items() if t >= before}
 
     def release(self, request_id: str) -> bool:
         r = self.reservations.pop(request_id, None)

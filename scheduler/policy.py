@@ -95,12 +95,14 @@ class Scheduler:
         if not book.can_prefill:
             raise ValueError(f"prefill report from {book.role.value} instance {book.instance_id}")
         book.prefill = state
+        self._books.forget_recent(state.instance_id, self.clock() - self.config.report_lag_s)
 
     def update_decode(self, state: DecodeInstanceState) -> None:
         book = self._books.get(state.instance_id)
         if not book.can_decode:
             raise ValueError(f"decode report from {book.role.value} instance {book.instance_id}")
         book.decode = state
+        self._books.forget_recent(state.instance_id, self.clock() - self.config.report_lag_s)
 
     # ---- requests ---------------------------------------------------------------------------
     def route(self, spec: RequestSpec) -> RouteDecision | Rejection | Queued:
@@ -275,7 +277,7 @@ class Scheduler:
         reported = p.prefill or PrefillInstanceState(p.instance_id)
         cached = cached_prefix_tokens(
             spec.block_hashes, spec.prompt_len, self.config.block_size,
-            reported.cached_block_hashes, p.pending_hashes,
+            reported.cached_block_hashes, p.pending_hashes, p.recent_hashes,
         )  # fmt: skip
         return estimate_ttft(
             spec.prompt_len, cached,
@@ -291,7 +293,7 @@ class Scheduler:
         step_s = d.decode.decode_step_s or self.config.default_decode_step_s
         cached = cached_prefix_tokens(
             spec.block_hashes, spec.prompt_len, self.config.block_size,
-            d.decode.cached_block_hashes, d.pending_hashes,
+            d.decode.cached_block_hashes, d.pending_hashes, d.recent_hashes,
         )  # fmt: skip
         # Local prefill interleaves with decode steps: one step of delay before it starts.
         return estimate_ttft(

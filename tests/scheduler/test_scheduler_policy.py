@@ -84,6 +84,35 @@ def test_blocks_being_prefilled_count_as_hits_for_the_next_request():
     assert b.prefill_instance_id == "p0" and b.num_cached_tokens == 4096
 
 
+def test_finished_prefills_count_as_hits_until_a_later_report_shows_them():
+    clock = Clock()
+    s = make(clock=clock)
+    s.update_prefill(PrefillInstanceState("p1", num_queued_tokens=1000))
+    system = prompt(3, 4096)
+    a = s.route(spec("a", system + prompt(4, 300)))
+    assert a.prefill_instance_id == "p0" and s.on_prefill_done("a") and s.on_finished("a")
+    # p0's report was taken before a's blocks entered its prefix cache
+    s.update_prefill(PrefillInstanceState("p0"))
+    b = s.route(spec("b", system + prompt(5, 300)))
+    assert b.prefill_instance_id == "p0" and b.num_cached_tokens == 4096
+    assert s.on_finished("b")
+    # a report taken well after the prefill is the truth: here, the blocks were evicted
+    clock.now += s.config.report_lag_s + 0.1
+    s.update_prefill(PrefillInstanceState("p0"))
+    c = s.route(spec("c", system + prompt(6, 300)))
+    assert c.num_cached_tokens == 0
+
+
+def test_local_prefills_promise_no_cached_blocks():
+    s = make(num_prefill=1, decode_local_threshold=10_000)
+    system = prompt(3, 1024)
+    a = s.route(spec("a", system + prompt(4, 100)))
+    assert a.prefill_instance_id is None  # decode-local: the decode instance caches nothing
+    assert s.on_prefill_done("a") and s.on_finished("a")
+    b = s.route(spec("b", system + prompt(5, 100)))
+    assert b.num_cached_tokens == 0 and s.on_finished("b")
+
+
 def test_ttft_estimate_is_queue_plus_uncached_prefill_plus_transfer():
     s = make(num_prefill=1, ttft_slo_s=10.0, transfer_bytes_per_s=1e9, kv_bytes_per_token=1000)
     ids = prompt(6, 1000)
