@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
@@ -118,17 +119,20 @@ class _Attempt:
     decode: Any = None
     prefill: Any = None
     is_done: bool = False
-    refs: list[Any] = field(default_factory=list)
 
-    def abandon(self, scheduler: Any) -> None:
-        """Cancel everywhere (fire and forget: the caller may be a cancelled task)."""
+    def abandon(self, scheduler: Any, detached: Callable[[Callable[[], Any]], Any]) -> None:
+        """Cancel everywhere, fire and forget, through ``detached`` (``Flow.detached``)."""
         if self.is_done:
             return
         self.is_done = True
-        for handle in (self.decode, self.prefill):
-            if handle is not None:
-                self.refs.append(handle.cancel.remote(self.sid))
-        self.refs.append(scheduler.on_cancel.remote(self.sid))
+        handles = [h for h in (self.decode, self.prefill) if h is not None]
+
+        def send() -> None:
+            for handle in handles:
+                handle.cancel.remote(self.sid)
+            scheduler.on_cancel.remote(self.sid)
+
+        detached(send)
 
 
 class Flow:
@@ -147,6 +151,18 @@ class Flow:
         self.on_reroute = on_reroute  # called with "prefill" or "decode" (metrics)
         self.num_reroutes = 0
         self.is_broken = False  # the scheduler is gone: the ingress builds a new Flow
+        self._cleanup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-cleanup")
+
+    def detached(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` (actor calls that undo a request) on a thread outside the request's task.
+
+        A client that disconnects makes Serve cancel the request's task with ``ray.cancel``,
+        which is recursive: actor calls the task makes while it unwinds count as its children
+        and are cancelled too, before they run, and the request's pages would never be freed.
+        Calls made from a thread of its own (which does not inherit the task's context) are
+        nobody's children.
+        """
+        self._cleanup.submit(fn)
 
     async def generate(self, gen: Generation) -> AsyncIterator[Event]:
         generated: list[int] = []
@@ -192,7 +208,7 @@ class Flow:
                         yield Finished(batch.finish_reason or "stop")
                         return
             except _Retry as e:
-                run.abandon(self.scheduler)
+                run.abandon(self.scheduler, self.detached)
                 last_error = e.message
                 self.num_reroutes += 1
                 is_prefill = (
@@ -202,7 +218,7 @@ class Flow:
                 if e.is_dead and e.instance_id is not None:
                     await self.directory.report_failure(e.instance_id)
             except BaseException:  # client gone (GeneratorExit, CancelledError), stop string, bug
-                run.abandon(self.scheduler)
+                run.abandon(self.scheduler, self.detached)
                 raise
         message = f"request failed after {self.config.max_attempts} attempts: {last_error}"
         if not is_started:
@@ -223,7 +239,7 @@ class Flow:
             except BaseException:
                 # Gone while routing (client disconnect): the scheduler may still place or queue
                 # it; cancelling after the route (same caller, so in order) releases either.
-                self.scheduler.on_cancel.remote(sid)
+                self.detached(lambda: self.scheduler.on_cancel.remote(sid))
                 raise
             # A re-route while the pools heal (no decode instance yet) waits for the replacement.
             if not (is_retry and isinstance(answer, Rejection) and answer.status == 503):

@@ -199,6 +199,26 @@ def test_overload_429_then_disconnect_frees_pages(url):
     assert sum(sched["num_reserved_pages"].values()) == 0
 
 
+def test_repeated_disconnects_free_everything(url):
+    """Each disconnect makes Serve cancel the request's task, recursively; the ingress's cancel
+    calls must survive that (they once were cancelled with it, now and then, and leaked)."""
+    body = {
+        "model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 4000, "temperature": 0,
+        "ignore_eos": True, "stream": True,
+    }  # fmt: skip
+    with httpx.Client(timeout=60) as http:
+        for _ in range(6):
+            with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                assert next(line for line in r.iter_lines() if line.startswith("data:"))
+    freed = wait_for(
+        lambda: (d := _decode(url))["num_free_pages"] == d["num_total_pages"] and d,
+        what="decode pages freed after the disconnects",
+    )
+    assert freed["num_running"] == 0 and freed["num_waiting"] == 0
+    wait_for(lambda: pools(url)["scheduler"]["num_active"] == 0, what="no active request")
+
+
 def _decode(url):
     return next(i["stats"] for i in pools(url)["instances"] if i["role"] == "decode")
 
