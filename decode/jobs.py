@@ -69,6 +69,9 @@ class DecodeConfig:
     sits out decode steps until the reader catches up (backpressure). ``finished_ttl_s``: how
     long a finished stream's tokens stay readable. ``reserve_grace_s``: a reservation not
     started within its lease plus this grace is released (the ingress gave up on it).
+    ``reader_timeout_s``: a request whose reader has not polled for this long is cancelled and
+    its pages freed (its ingress replica died, or lost it); readers long-poll every couple of
+    seconds, so only a reader that is gone stays away this long.
     ``enable_prefix_cache``: reuse KV pages of earlier local prefills (MixedStage).
     """
 
@@ -77,6 +80,7 @@ class DecodeConfig:
     max_unread_tokens: int = 256
     finished_ttl_s: float = 60.0
     reserve_grace_s: float = 30.0
+    reader_timeout_s: float = 60.0
     enable_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
@@ -85,6 +89,8 @@ class DecodeConfig:
                 "max_batch_size, prefill_token_budget and max_unread_tokens must be >= 1, got "
                 f"{self.max_batch_size}, {self.prefill_token_budget}, {self.max_unread_tokens}"
             )
+        if not self.reader_timeout_s > 0:
+            raise ValueError(f"reader_timeout_s must be positive, got {self.reader_timeout_s}")
 
 
 @dataclass(frozen=True)

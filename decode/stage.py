@@ -143,8 +143,9 @@ class DecodeStage:
         """Every token past ``cursor`` (blocks up to ``timeout_s`` for the first one)."""
         return self._streams.poll(request_id, cursor, timeout_s)
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request and free its pages and batch slot; idempotent."""
+    def cancel(self, request_id: str, error: str | None = None) -> None:
+        """Stop a request and free its pages and batch slot; idempotent. ``error`` is what a
+        late poll reports."""
         if self._reservations is not None:
             self._reservations.drop(request_id)
         with self._lock:
@@ -155,7 +156,7 @@ class DecodeStage:
                 if not is_busy:
                     self._detach(seq)
         if seq is not None:
-            self._streams.finish(request_id, "abort")
+            self._streams.finish(request_id, "abort", error)
             if not is_busy:
                 self._free(seq)
 
@@ -233,6 +234,8 @@ class DecodeStage:
             if self._reservations is not None:
                 self._reservations.expire()
             self._streams.collect_garbage()
+            for rid in self._streams.unread_since(now - self.config.reader_timeout_s):
+                self.cancel(rid, f"no reader polled for {self.config.reader_timeout_s:g}s")
         return did_prefill or did_decode
 
     def _admit(self) -> None:

@@ -23,6 +23,8 @@ class _Stream:
     finish_reason: str | None = None
     error: str | None = None
     finished_at: float | None = None
+    last_read_at: float = field(default_factory=time.monotonic)  # opened, or a poll began/ended
+    num_readers: int = 0  # polls in progress
 
     @property
     def is_finished(self) -> bool:
@@ -96,15 +98,29 @@ class TokenStreams:
                     f"cursor {cursor} out of range for {request_id!r} ({len(s.token_ids)} tokens)"
                 )
             s.num_read = max(s.num_read, cursor)
-            while len(s.token_ids) <= cursor and not s.is_finished:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                s.cond.wait(left)
+            s.num_readers += 1
+            try:
+                while len(s.token_ids) <= cursor and not s.is_finished:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    s.cond.wait(left)
+            finally:
+                s.num_readers -= 1
+                s.last_read_at = time.monotonic()
             new = s.token_ids[cursor:]
             end = cursor + len(new)
             s.num_read = max(s.num_read, end)
             return TokenBatch(new, end, s.is_finished, s.finish_reason, s.error)
+
+    def unread_since(self, before: float) -> list[str]:
+        """Unfinished streams nobody is polling and nobody polled since ``before``."""
+        with self._lock:
+            return [
+                rid
+                for rid, s in self._streams.items()
+                if not s.is_finished and s.num_readers == 0 and s.last_read_at < before
+            ]
 
     def collect_garbage(self) -> int:
         """Drop streams finished more than finished_ttl_s ago; returns how many."""

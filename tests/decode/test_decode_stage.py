@@ -4,6 +4,7 @@ with ``engine.generate``."""
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -118,6 +119,31 @@ def test_cancel_mid_generation_frees_pages_and_slot(stage, decode_engine):
     assert read_all(stage, "keep").finish_reason == "length"
     assert allocator.num_free_pages == free_before
     stage.cancel("never-seen")  # unknown ids are ignored
+
+
+def test_request_without_a_reader_is_cancelled(decode_engine, monkeypatch):
+    # its ingress replica died: nobody polls, and backpressure holds it out of every step, so
+    # only the reader timeout gives its pages back
+    import decode.stage
+
+    monkeypatch.setattr(decode.stage, "_MAINTENANCE_INTERVAL_S", 0.0)
+    config = DecodeConfig(max_batch_size=8, max_unread_tokens=4, reader_timeout_s=0.3)
+    stage = DecodeStage(decode_engine, config)
+    allocator = decode_engine.cache.allocator
+    free_before = allocator.num_free_pages
+    prompts = make_prompts(decode_engine.config.vocab_size, [20, 20], seed=9)
+    stage.start(local_job("gone", prompts[0], 500))
+    stage.start(local_job("read", prompts[1], 40))
+    cursor, start = 0, time.monotonic()
+    while time.monotonic() - start < 1.0:  # "gone" is never polled in here
+        stage.step()
+        cursor = stage.poll("read", cursor, timeout_s=0).cursor  # this reader keeps up
+    out = stage.poll("gone", 0, timeout_s=0)
+    assert out.finish_reason == "abort" and "no reader polled for 0.3s" in out.error
+    assert len(out.token_ids) < 500
+    run_until_idle(stage)
+    assert read_all(stage, "read").finish_reason == "length"  # its reader kept up
+    assert allocator.num_free_pages == free_before
 
 
 def test_cancel_during_local_prefill(stage, decode_engine):
