@@ -409,7 +409,8 @@ def bench_real_prefill(prompt_len: int) -> dict:
             "prefill_s": prefill_s,
             "exposed_s": exposed,
             "exposed_fraction": exposed / prefill_s,
-            "model": "k2-small (8 layers, K2 MLA dims), fp32 weights, bf16 KV, chunk 512",
+            "model": f"k2-small ({cfg.num_hidden_layers} layers, K2 MLA dims), "
+            f"{engine.dtype} weights, bf16 KV, chunk {engine.chunk_size}",
             "torch_threads": torch.get_num_threads(),
         }
 
