@@ -271,9 +271,10 @@ class Flow:
         job = PrefillJob(run.sid, prompt, gen.sampling, address, self.config.wire_format)
         result = await self._call(d.prefill_instance_id, prefill.prefill.remote(job))
         run.prefill = None  # finished there: nothing left to cancel
-        self.scheduler.on_prefill_done.remote(run.sid)
         if result.error is not None:
             raise _Retry(f"prefill {d.prefill_instance_id}: {result.error}", d.prefill_instance_id)
+        # only a prefill that succeeded put its blocks in that instance's prefix cache
+        self.scheduler.on_prefill_done.remote(run.sid)
         job = DecodeJob(
             run.sid,
             prompt,
