@@ -37,7 +37,7 @@ from cluster.config import ClusterConfig
 from cluster.errors import ApiError, StreamError
 from cluster.messages import WorkerError
 from decode.jobs import DecodeJob
-from model.sampling import SamplingParams
+from common.sampling import SamplingParams
 from prefill.jobs import PrefillJob
 from scheduler.state import Rejection, RequestSpec, RouteDecision
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.sampling import SamplingParams
+from common.sampling import SamplingParams
 
 
 class StreamOptions(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.sampling import SamplingParams
+from common.sampling import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort")
 

@@ -14,8 +14,8 @@ import time
 import torch
 
 from decode.batch import DecodeSeq
-from prefill.meter import RateMeter
-from prefill.prefix_cache import PrefixCache, allocate_sequence
+from common.meter import RateMeter
+from common.prefix_cache import PrefixCache, allocate_sequence
 
 
 class LocalPrefill:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from model.pages import PageAllocator
+from common.pages import PageAllocator
 
 
 class Reservations:

@@ -33,9 +33,9 @@ from decode.jobs import DecodeConfig, DecodeJob, DecodeStats, TokenBatch
 from decode.local_prefill import LocalPrefill
 from decode.reservations import Reservations
 from decode.streams import TokenStreams
-from prefill.meter import MeanMeter
-from prefill.prefix_cache import PrefixCache
-from prefill.sampling import sample_token
+from common.meter import MeanMeter
+from common.prefix_cache import PrefixCache
+from model.sampling import sample_token
 
 __all__ = ["DecodeConfig", "DecodeJob", "DecodeStage", "DecodeStats", "TokenBatch"]
 

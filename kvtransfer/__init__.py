@@ -37,7 +37,7 @@ cache format. Deadlines and sizes: ``TransferConfig``.
 from kvtransfer.codec import KVLayout, convert_records
 from kvtransfer.config import TransferConfig
 from kvtransfer.errors import Status, TransferError
-from kvtransfer.fingerprint import accepted_fingerprints, model_fingerprint
+from model.fingerprint import accepted_fingerprints, model_fingerprint
 from kvtransfer.inbound import Reservation, TransferResult
 from kvtransfer.paging import export_records, import_records
 from kvtransfer.receiver import KVReceiver

@@ -1,6 +1,6 @@
 """The K2-architecture model engine. ``from model import Engine``.
 
-Imported lazily so plain-Python modules (``model.pages``) stay usable without torch.
+Imported lazily so plain-Python modules (``common.pages``) stay usable without torch.
 """
 
 from typing import Any

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from model.fingerprint import model_fingerprint
 from model.kv_cache import KVFormat, PagedLatentCache
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams, sample_token
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from model.weights import load_state_dict
@@ -91,8 +92,6 @@ class Engine:
     @property
     def fingerprint(self) -> str:
         """Hash of the config and KV format; kvtransfer refuses KV from a different one."""
-        from kvtransfer.fingerprint import model_fingerprint
-
         return model_fingerprint(self.config, self.cache.fmt)
 
     @property
@@ -207,13 +206,13 @@ class Engine:
     ) -> list[list[int]]:
         """Prefill every prompt, then decode all of them together; returns the new tokens.
 
-        Exactly ``max_new_tokens`` tokens per prompt unless ``stop_at_eos``.
+        Exactly ``max_new_tokens`` tokens per prompt unless ``stop_at_eos``. A seeded
+        ``sampling`` draws the same tokens as the served path (``model.sampling.sample_token``).
         """
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
         alloc = self.cache.allocator
         seq_ids = [("offline", next(self._offline_ids)) for _ in prompts]
-        gens = [make_generator(sampling, "cpu") for _ in prompts]
         eos = set(self.config.eos_token_ids)
         outputs: list[list[int]] = [[] for _ in prompts]
         try:
@@ -222,7 +221,7 @@ class Engine:
             live = []
             for i, (sid, prompt) in enumerate(zip(seq_ids, prompts, strict=True)):
                 logits = self.prefill(sid, prompt)
-                outputs[i].append(sample(logits, sampling, gens[i]))
+                outputs[i].append(sample_token(logits, sampling, 0))
                 live.append(i)
             for _ in range(max_new_tokens - 1):
                 if stop_at_eos:
@@ -235,7 +234,7 @@ class Engine:
                     [len(prompts[i]) + len(outputs[i]) - 1 for i in live],
                 )
                 for row, i in enumerate(live):
-                    outputs[i].append(sample(logits[row], sampling, gens[i]))
+                    outputs[i].append(sample_token(logits[row], sampling, len(outputs[i])))
         finally:
             for sid in seq_ids:
                 alloc.free(sid)

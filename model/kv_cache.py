@@ -19,7 +19,7 @@ from enum import Enum
 
 import torch
 
-from model.pages import PageAllocator
+from common.pages import PageAllocator
 
 FP8_GROUP = 128  # latent values per fp32 scale
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

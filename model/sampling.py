@@ -1,43 +1,36 @@
-"""Sampling: greedy, temperature, top-k, top-p, with a per-request seed."""
+"""Sampling of one output token: greedy, temperature, top-k, top-p, reproducible wherever it runs.
+
+A seeded request draws output token ``i`` from a generator seeded by ``(seed, i)``, not from one
+generator advanced across the request. The first token is sampled on a prefill instance and the
+rest on a decode instance (or all on one colocated instance, or in ``Engine.generate``), and all
+give the same tokens for the same seed, whatever the batch.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from common.sampling import SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick the next token. ``temperature == 0`` is greedy (argmax)."""
+__all__ = ["SamplingParams", "sample", "sample_token", "token_generator"]
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+_GOLDEN = 0x9E3779B97F4A7C15  # odd constant: spreads consecutive indices over the seed space
 
 
-def make_generator(
-    params: SamplingParams, device: torch.device | str = "cpu"
+def token_generator(
+    params: SamplingParams, index: int, device: torch.device | str = "cpu"
 ) -> torch.Generator | None:
-    """A per-request generator so seeded requests reproduce whatever they are batched with."""
-    if params.seed is None:
+    """Generator for output token ``index`` of a request (None when the request is unseeded)."""
+    if params.seed is None or params.is_greedy:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed)
+    g.manual_seed((params.seed + index * _GOLDEN) % (1 << 63))
     return g
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
+    """logits [vocab] -> output token ``index`` of a request."""
+    return sample(logits, params, token_generator(params, index, logits.device))
 
 
 def sample(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.sampling import SamplingParams
+from common.sampling import SamplingParams
 
 WIRE_FORMATS = ("bf16", "fp8", "fp32")
 

@@ -27,9 +27,9 @@ import torch
 
 from kvtransfer import TransferConfig, TransferError
 from prefill.jobs import PrefillConfig, PrefillJob, PrefillResult, PrefillStats
-from prefill.meter import RateMeter
-from prefill.prefix_cache import PrefixCache, allocate_sequence
-from prefill.sampling import sample_token
+from common.meter import RateMeter
+from common.prefix_cache import PrefixCache, allocate_sequence
+from model.sampling import sample_token
 from prefill.sender import KVSink, KVSinks
 
 __all__ = ["PrefillConfig", "PrefillJob", "PrefillResult", "PrefillStage", "PrefillStats"]

@@ -1,7 +1,7 @@
 """Routing, admission control, prefix hashing and the P:D planner. Plain Python except actor.py.
 
 Public API (see scheduler/README.md): ``SchedulerConfig``, ``Scheduler``, the messages in
-``scheduler.state``, ``block_hashes`` / ``BlockLRU`` in ``scheduler.prefix``, the planner in
+``scheduler.state``, ``block_hashes`` / ``BlockLRU`` in ``common.prefix``, the planner in
 ``scheduler.planner``, and ``make_scheduler_actor`` in ``scheduler.actor`` (imports Ray: import
 it from its module, not from here).
 """
@@ -9,7 +9,7 @@ it from its module, not from here).
 from scheduler.config import SchedulerConfig
 from scheduler.ledger import UnknownInstanceError
 from scheduler.policy import Scheduler
-from scheduler.prefix import BlockLRU, InsertResult, block_hashes
+from common.prefix import BlockLRU, InsertResult, block_hashes
 from scheduler.state import (
     DecodeInstanceState,
     PrefillInstanceState,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from scheduler.prefix import block_hashes
+from common.prefix import block_hashes
 
 
 class Role(str, Enum):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.engine import Engine
-from model.sampling import SamplingParams
+from common.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from decode.jobs import DecodeConfig, DecodeJob
 from decode.mixed import MixedStage
 from decode.stage import DecodeStage
 from kvtransfer import KVReceiver, TransferConfig, accepted_fingerprints, model_fingerprint
-from model.sampling import SamplingParams
+from common.sampling import SamplingParams
 from prefill.jobs import PrefillConfig, PrefillJob
 from prefill.stage import PrefillStage
 

@@ -8,7 +8,7 @@ import sys
 def test_core_modules_import_neither_torch_nor_ray():
     code = (
         "import json, sys; import scheduler, scheduler.policy, scheduler.planner, "
-        "scheduler.prefix, scheduler.estimate; "
+        "common.prefix, scheduler.estimate; "
         "print(json.dumps(sorted(m for m in ('torch', 'ray') if m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""Prefix cache of latent KV pages: ``scheduler.prefix.BlockLRU`` plus the page references.
+"""Prefix cache of latent KV pages: ``common.prefix.BlockLRU`` plus the page references.
 
 A block is one full page (``page_size`` tokens), named by its chained block hash, so equal hashes
 mean equal prefixes. The cache holds one allocator reference per cached page: a new sequence with
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from model.pages import PageAllocator
-from scheduler.prefix import BlockLRU, block_hashes
+from common.pages import PageAllocator
+from common.prefix import BlockLRU, block_hashes
 
 
 class PrefixCache:

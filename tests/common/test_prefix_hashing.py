@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from scheduler.prefix import BlockLRU, block_hashes
+from common.prefix import BlockLRU, block_hashes
 
 
 def test_hashes_cover_full_blocks_only_and_are_64_bit():
@@ -36,7 +36,7 @@ def test_chain_depends_on_position_and_can_be_continued():
 def test_hashes_are_identical_in_another_process():
     ids = [3, 141, 59, 26, 163_839] * 40
     code = (
-        "import json, sys; from scheduler.prefix import block_hashes; "
+        "import json, sys; from common.prefix import block_hashes; "
         f"print(json.dumps(block_hashes({ids!r}, 32)))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a different str-hash salt

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.pages import OutOfPagesError, PageAllocator
+from common.pages import OutOfPagesError, PageAllocator
 
 
 def test_allocate_and_free_return_every_page():

@@ -1,7 +1,7 @@
 """PrefixCache: page references, the last-token rule, eviction under page pressure."""
 
-from model.pages import PageAllocator
-from prefill.prefix_cache import PrefixCache, allocate_sequence
+from common.pages import PageAllocator
+from common.prefix_cache import PrefixCache, allocate_sequence
 
 PAGE = 4
 
