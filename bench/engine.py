@@ -168,11 +168,10 @@ def ours_decode(engine: Engine, batch: int, steps: int) -> tuple[float, int]:
     alloc = engine.cache.allocator
     seqs = [f"bench-decode-{i}" for i in range(batch)]
     c_kv, k_pe = _random_context(c, CONTEXT)
-    records = engine.cache.pack(c_kv, k_pe)
     for sid in seqs:
         alloc.allocate(sid, CONTEXT + steps + 1)
         for layer in range(c.num_hidden_layers):
-            engine.cache.import_layer(sid, layer, 0, records)
+            engine.cache.write(sid, layer, 0, c_kv, k_pe)
     tokens = torch.randint(0, c.vocab_size, (batch,)).tolist()
     try:
         engine.decode(seqs, tokens, [CONTEXT] * batch)  # warm-up

@@ -6,7 +6,11 @@ The receiver runs in a child process (as a decode worker would), the sender in t
 speak real gRPC over 127.0.0.1. Parts:
 
 1. throughput: 64 MB and 1 GB of K2-sized latent KV (61 layers x 576 values/token), bf16 and
-   fp8 on the wire, beside a torch memcpy of the same bytes in the same run;
+   fp8 on the wire, beside a torch memcpy of the same bytes in the same run. ``served`` is the
+   path a request takes: ``KVOutbox`` (the prefill stage's own sending code: pooled channel,
+   records exported from scattered pages run by run inside the timing); ``bf16`` and ``fp8``
+   are the transfer protocol alone (``KVSender`` fed records exported before the clock starts),
+   the baseline ``served`` is held to (served_path_gbps >= 0.9 x loopback_gbps);
 2. overlap (synthetic): a producer emits one layer of a 16K-token K2 latent every t ms, t = one
    layer's transfer time; exposed time = last layer produced -> receiver holds all, verified;
    streamed layer by layer vs sent after the last layer;
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvtransfer import (  # noqa: E402
     KVLayout,
+    KVOutbox,
     KVReceiver,
     KVSender,
     TransferConfig,
@@ -144,8 +149,15 @@ class ReceiverProcess:
 def source_cache(
     num_layers: int, num_tokens: int, fmt: str = "bf16", seq_id: str = "src"
 ) -> PagedLatentCache:
-    """A prefill cache (bf16 or fp8) holding random latent KV for one sequence."""
-    cache = PagedLatentCache(num_layers, K2_RANK, K2_ROPE, -(-num_tokens // PAGE), PAGE, fmt)
+    """A prefill cache (bf16 or fp8) holding random latent KV for one sequence whose pages are
+    scattered, as in a serving cache where sequences come and go: every other page."""
+    num_pages = -(-num_tokens // PAGE)
+    cache = PagedLatentCache(num_layers, K2_RANK, K2_ROPE, 2 * num_pages, PAGE, fmt)
+    for i in range(num_pages):
+        cache.allocator.allocate(("hole", i), PAGE)
+        cache.allocator.allocate(("pad", i), PAGE)
+    for i in range(num_pages):
+        cache.allocator.free(("hole", i))
     cache.allocator.allocate(seq_id, num_tokens)
     g = torch.Generator().manual_seed(0)
     for layer in range(num_layers):
@@ -169,16 +181,39 @@ def memcpy_gbps(nbytes: int) -> float:
 
 
 def transfer(
-    rx: ReceiverProcess, sender: KVSender, src: PagedLatentCache, rid: str, wire_fmt: str
+    rx: ReceiverProcess,
+    sender: KVSender,
+    records: list[torch.Tensor],
+    layout: KVLayout,
+    rid: str,
+    wire_fmt: str,
 ) -> tuple[float, int]:
-    """One full transfer (export + send every layer + verified end); (seconds, wire bytes)."""
+    """The protocol alone: records exported before the clock starts, then send every layer and
+    wait for the verified end; (seconds, wire bytes)."""
+    n = records[0].shape[0]
+    rx.call("reserve", rid, n)
+    t = time.perf_counter()
+    sender.begin(rid, rid, n, len(records), layout, wire_fmt, PAGE)
+    for layer, layer_records in enumerate(records):
+        sender.send_layer(layer, 0, n, layer_records)
+    result = sender.end()
+    seconds = time.perf_counter() - t
+    rx.call("wait", rid)
+    return seconds, result.wire_bytes
+
+
+def served_transfer(
+    rx: ReceiverProcess, outbox: KVOutbox, src: PagedLatentCache, rid: str
+) -> tuple[float, int]:
+    """The served path: what ``PrefillStage`` does for a request, through its ``KVOutbox``
+    (records exported from the pages inside the timing); (seconds, wire bytes)."""
     n = src.allocator.capacity("src")
     rx.call("reserve", rid, n)
     t = time.perf_counter()
-    sender.begin(rid, rid, n, src.num_layers, KVLayout.of(src), wire_fmt, PAGE)
+    kv = outbox.open("src", rid, rx.address, n)
     for layer in range(src.num_layers):
-        sender.send_layer(layer, 0, n, export_records(src, "src", layer, 0, n))
-    result = sender.end()
+        kv.send_layer(layer, 0, n)
+    result = kv.close()
     seconds = time.perf_counter() - t
     rx.call("wait", rid)
     return seconds, result.wire_bytes
@@ -187,6 +222,7 @@ def transfer(
 # ---- part 1: throughput -------------------------------------------------------------------------
 # (cache format at the prefill side, wire format, cache format at the decode side)
 PATHS = {
+    "served": ("bf16", "bf16", "bf16"),  # KVOutbox, as the prefill stage sends
     "bf16": ("bf16", "bf16", "bf16"),
     "fp8": ("fp8", "fp8", "fp8"),  # both caches hold fp8: records travel as they are
     "fp8_quantise_on_send": ("bf16", "fp8", "bf16"),  # CPU torch codec on both ends
@@ -202,13 +238,19 @@ def bench_throughput(sizes_mb: list[int], repeats: int) -> dict:
     for size in sizes_mb:
         tokens = int(size * MB) // (K2_LAYERS * bpt16)
         nbytes = tokens * K2_LAYERS * bpt16
-        paths = list(PATHS) if size == sizes_mb[0] else ["bf16", "fp8"]
+        paths = list(PATHS) if size == sizes_mb[0] else ["served", "bf16", "fp8"]
         sources = {f: source_cache(K2_LAYERS, tokens, f) for f in {PATHS[p][0] for p in paths}}
+        exported = {
+            f: [export_records(src, "src", layer, 0, tokens) for layer in range(K2_LAYERS)]
+            for f, src in sources.items()
+        }
         receivers = {p: ReceiverProcess(PATHS[p][2], K2_LAYERS, tokens) for p in paths}
         senders = {
             p: KVSender(receivers[p].address, model_fingerprint(cfg, PATHS[p][1]), BENCH_CONFIG)
             for p in paths
+            if p != "served"
         }
+        outbox = KVOutbox(cfg, sources["bf16"], BENCH_CONFIG)
         raw = RawGrpc()
         times: dict[str, list[float]] = {p: [] for p in [*paths, "raw"]}
         wire_bytes: dict[str, int] = {}
@@ -216,13 +258,25 @@ def bench_throughput(sizes_mb: list[int], repeats: int) -> dict:
             times["raw"].append(raw.send(nbytes, BENCH_CONFIG.chunk_bytes))
             for p in paths:
                 src_fmt, wire_fmt, _ = PATHS[p]
-                seconds, wire_bytes[p] = transfer(
-                    receivers[p], senders[p], sources[src_fmt], f"{p}-{i}", wire_fmt
-                )
+                if p == "served":
+                    seconds, wire_bytes[p] = served_transfer(
+                        receivers[p], outbox, sources[src_fmt], f"{p}-{i}"
+                    )
+                else:
+                    seconds, wire_bytes[p] = transfer(
+                        receivers[p],
+                        senders[p],
+                        exported[src_fmt],
+                        KVLayout.of(sources[src_fmt]),
+                        f"{p}-{i}",
+                        wire_fmt,
+                    )
                 times[p].append(seconds)
         raw.close()
+        outbox.close()
         for p in paths:
-            senders[p].close()
+            if p in senders:
+                senders[p].close()
             receivers[p].close()
         memcpy = memcpy_gbps(nbytes)
         raw_gbps = nbytes / min(times["raw"]) / 1e9
@@ -252,7 +306,7 @@ def bench_throughput(sizes_mb: list[int], repeats: int) -> dict:
                 f"bare gRPC {raw_gbps:4.2f} GB/s",
                 flush=True,
             )
-        del sources
+        del sources, exported
     return {"rows": rows}
 
 
@@ -387,22 +441,23 @@ def bench_real_prefill(prompt_len: int) -> dict:
             0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)
         ).tolist()
         rx = ReceiverProcess("bf16", cache.num_layers, prompt_len, model_dir=tmp)
-        with KVSender(rx.address, model_fingerprint(cfg, "bf16"), BENCH_CONFIG) as tx:
-            rx.call("reserve", "req", prompt_len)
-            cache.allocator.allocate("seq", prompt_len)
-            tx.begin("real", "req", prompt_len, cache.num_layers, KVLayout.of(cache))
-            marks = {}
+        outbox = KVOutbox(cfg, cache, BENCH_CONFIG)  # the prefill stage's sending path
+        rx.call("reserve", "req", prompt_len)
+        cache.allocator.allocate("seq", prompt_len)
+        kv = outbox.open("seq", "req", rx.address, prompt_len)
+        marks = {}
 
-            def on_layer(layer: int, start: int, end: int) -> None:
-                marks["last"] = time.perf_counter()  # this layer's KV for [start, end) exists
-                tx.send_layer(layer, start, end, export_records(cache, "seq", layer, start, end))
+        def on_layer(layer: int, start: int, end: int) -> None:
+            marks["last"] = time.perf_counter()  # this layer's KV for [start, end) exists
+            kv.send_layer(layer, start, end)
 
-            t = time.perf_counter()
-            engine.prefill("seq", ids, on_layer=on_layer)
-            prefill_s = time.perf_counter() - t
-            tx.end()  # returns once the receiver holds the whole KV, verified
-            exposed = time.perf_counter() - marks["last"]
-            rx.call("wait", "req")
+        t = time.perf_counter()
+        engine.prefill("seq", ids, on_layer=on_layer)
+        prefill_s = time.perf_counter() - t
+        kv.close()  # returns once the receiver holds the whole KV, verified
+        exposed = time.perf_counter() - marks["last"]
+        rx.call("wait", "req")
+        outbox.close()
         rx.close()
         return {
             "prompt_len": prompt_len,
@@ -441,6 +496,7 @@ def main() -> None:
     tp = bench_throughput(sizes, repeats=2 if quick else 3)
     big = [r for r in tp["rows"] if r["size_mb"] == sizes[-1]]
     bf16 = next(r for r in big if r["path"] == "bf16")
+    served = next(r for r in big if r["path"] == "served")
     fp8 = next(r for r in big if r["path"] == "fp8")
     ov = bench_overlap(4096 if quick else 16384, trials=3)
     real_len = 1024 if quick else 16384
@@ -454,7 +510,9 @@ def main() -> None:
         )
     results = {
         "quick": quick,
+        "served_path_gbps": served["wire_gbps"],
         "loopback_gbps": bf16["wire_gbps"],
+        "served_over_loopback": served["wire_gbps"] / bf16["wire_gbps"],
         "memcpy_gbps": bf16["memcpy_gbps"],
         "ratio_vs_memcpy": bf16["wire_gbps"] / bf16["memcpy_gbps"],
         "raw_grpc_gbps": bf16["raw_grpc_gbps"],
@@ -464,6 +522,7 @@ def main() -> None:
         "exposed_over_layer_time": ov["exposed_over_layer_time"],
         "exposed_fraction_16k": real.get("exposed_fraction"),
         "targets_met": {
+            "served_path_gbps>=0.9*loopback_gbps": served["wire_gbps"] >= 0.9 * bf16["wire_gbps"],
             "loopback_gbps>=1": bf16["wire_gbps"] >= 1.0,
             "ratio_vs_memcpy>=0.25": bf16["wire_gbps"] / bf16["memcpy_gbps"] >= 0.25,
             "exposed_over_layer_time<=2": ov["exposed_over_layer_time"] <= 2.0,
@@ -476,8 +535,11 @@ def main() -> None:
             "overlap_tokens": ov["tokens"],
             "real_prefill_prompt_len": real_len,
             "real_prefill": real,
-            "receiver": "child process, gRPC over 127.0.0.1; timings include export_records "
-            "on the sender and the verified write into pages on the receiver",
+            "receiver": "child process, gRPC over 127.0.0.1; every timing includes the "
+            "verified write into pages on the receiver",
+            "served_path": "KVOutbox from a cache whose sequence holds every other page; the "
+            "export from pages is inside the timing. loopback (bf16, fp8 rows) feeds KVSender "
+            "records exported before the clock starts",
             "fp8_path": "fp8 rows move records from an fp8 prefill cache into an fp8 decode "
             "cache; fp8_quantise_on_send adds the CPU torch codec on both ends",
             "load_average": os.getloadavg(),

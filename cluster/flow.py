@@ -36,8 +36,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from cluster.config import ClusterConfig
 from cluster.errors import ApiError, StreamError
 from cluster.messages import WorkerError
-from decode.jobs import DecodeJob
 from common.sampling import SamplingParams
+from decode.jobs import DecodeJob
 from prefill.jobs import PrefillJob
 from scheduler.state import Rejection, RequestSpec, RouteDecision
 

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from decode.batch import DecodeSeq
 from common.meter import RateMeter
 from common.prefix_cache import PrefixCache, allocate_sequence
+from decode.batch import DecodeSeq
 
 
 class LocalPrefill:

@@ -28,13 +28,13 @@ from collections import deque
 
 import torch
 
+from common.meter import MeanMeter
+from common.prefix_cache import PrefixCache
 from decode.batch import DecodeSeq, SeqState, select_batch, stop_ids_for
 from decode.jobs import DecodeConfig, DecodeJob, DecodeStats, TokenBatch
 from decode.local_prefill import LocalPrefill
 from decode.reservations import Reservations
 from decode.streams import TokenStreams
-from common.meter import MeanMeter
-from common.prefix_cache import PrefixCache
 from model.sampling import sample_token
 
 __all__ = ["DecodeConfig", "DecodeJob", "DecodeStage", "DecodeStats", "TokenBatch"]

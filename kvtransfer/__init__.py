@@ -16,20 +16,18 @@ How to use (decode side, in the worker process)::
     # pages now belong to seq_id=request_id; take receiver.cache_lock around allocator changes
     receiver.stop()
 
-Prefill side::
+Prefill side (the one sending path: the prefill stage and the benchmark both use it)::
 
-    from kvtransfer import KVSender, KVLayout, export_records, model_fingerprint
-    sender = KVSender(address, model_fingerprint(cfg, "bf16"))    # fingerprint of the wire fmt
-    sender.begin(transfer_id, request_id, num_tokens, num_layers, KVLayout.of(cache))
-    engine.prefill(seq_id, ids, on_layer=lambda layer, start, end: sender.send_layer(
-        layer, start, end, export_records(cache, seq_id, layer, start, end)))
-    sender.end()                                 # SendResult, or raises TransferError
+    from kvtransfer import KVOutbox
+    outbox = KVOutbox(cfg, cache, TransferConfig())   # one per instance: a channel per address
+    kv = outbox.open(seq_id, request_id, address, num_tokens, wire_fmt="bf16")
+    engine.prefill(seq_id, ids, on_layer=kv.send_layer)  # each layer's records leave at once
+    kv.close()                                   # SendResult, or raises TransferError
 
-``export_records`` returns what ``cache.export_layer`` does, copying runs of pages at memcpy
-speed instead of row by row (~10x faster on CPU).
+``send_layer`` copies the records out of the sequence's pages run by run
+(``export_records``, memcpy speed); ``KVSender`` underneath is the single-stream protocol.
 
-FP8 on the wire from a bf16 cache: ``begin(..., wire_fmt="fp8")`` with
-``model_fingerprint(cfg, "fp8")``; the receiver must accept it with
+FP8 on the wire from a bf16 cache: ``open(..., wire_fmt="fp8")``; the receiver must accept it with
 ``wire_fingerprints=accepted_fingerprints(cfg, ["fp8"])`` and stores fp8 or dequantises to its
 cache format. Deadlines and sizes: ``TransferConfig``.
 """
@@ -37,16 +35,19 @@ cache format. Deadlines and sizes: ``TransferConfig``.
 from kvtransfer.codec import KVLayout, convert_records
 from kvtransfer.config import TransferConfig
 from kvtransfer.errors import Status, TransferError
-from model.fingerprint import accepted_fingerprints, model_fingerprint
 from kvtransfer.inbound import Reservation, TransferResult
+from kvtransfer.outbound import KVOutbox, OutboundKV
 from kvtransfer.paging import export_records, import_records
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender, SendResult
+from model.fingerprint import accepted_fingerprints, model_fingerprint
 
 __all__ = [
     "KVLayout",
+    "KVOutbox",
     "KVReceiver",
     "KVSender",
+    "OutboundKV",
     "Reservation",
     "SendResult",
     "Status",

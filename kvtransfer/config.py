@@ -44,6 +44,20 @@ class TransferConfig:
             ("grpc.http2.lookahead_bytes", self.max_inflight_bytes),
         ]
 
+    def open_channel(self, address: str):
+        """A gRPC channel to a receiver with ``grpc_options`` and a quick reconnect (a restarted
+        decode worker is back within a second). Returns ``grpc.Channel``."""
+        import grpc  # here, so the config itself stays importable without grpc
+
+        return grpc.insecure_channel(
+            address,
+            options=[
+                *self.grpc_options(),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
+
     def overall_deadline_s(self, total_bytes: int) -> float:
         return self.deadline_base_s + total_bytes / self.deadline_min_rate
 

@@ -85,14 +85,7 @@ class KVSender:
         self.fingerprint = fingerprint
         self.config = config
         self._own_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(
-            address,
-            options=[
-                *config.grpc_options(),
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
-        )
+        self._channel = channel or config.open_channel(address)
         self._cond = threading.Condition()
         self._active = False
         self._generation = 0  # transfers begun; a reader thread serves one generation

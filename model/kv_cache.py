@@ -168,27 +168,3 @@ class PagedLatentCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [start, end) of one layer as fp32 (c_kv [n, R], k_pe [n, rope])."""
         return self.unpack(self._flat(layer)[self.slots(seq_id, start, end)])
-
-    # ---- export / import (transfer path) ----------------------------------------------------
-    def export_layer(self, seq_id: Hashable, layer: int, start: int, end: int) -> torch.Tensor:
-        """Packed records of tokens [start, end) of one layer: contiguous uint8 [n, bytes_per_token]."""
-        return self._flat(layer)[self.slots(seq_id, start, end)]
-
-    def import_layer(self, seq_id: Hashable, layer: int, start: int, records: torch.Tensor) -> None:
-        """Store packed records (uint8 [n, bytes_per_token], this cache's format) at [start, start+n)."""
-        if (
-            records.dtype != torch.uint8
-            or records.dim() != 2
-            or records.shape[1] != self.bytes_per_token
-        ):
-            raise ValueError(
-                f"records must be uint8 [n, {self.bytes_per_token}] ({self.fmt.value}), "
-                f"got {records.dtype} {tuple(records.shape)}"
-            )
-        slots = self.slots(seq_id, start, start + records.shape[0])
-        self._flat(layer)[slots] = records.to(self.device)
-
-    def copy_prefix(self, src_seq: Hashable, dst_seq: Hashable, num_tokens: int) -> None:
-        """Copy the first ``num_tokens`` tokens of every layer from one sequence to another."""
-        for layer in range(self.num_layers):
-            self.import_layer(dst_seq, layer, 0, self.export_layer(src_seq, layer, 0, num_tokens))

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtransfer import TransferConfig, TransferError
-from prefill.jobs import PrefillConfig, PrefillJob, PrefillResult, PrefillStats
 from common.meter import RateMeter
 from common.prefix_cache import PrefixCache, allocate_sequence
+from kvtransfer import KVOutbox, OutboundKV, TransferConfig, TransferError
 from model.sampling import sample_token
-from prefill.sender import KVSink, KVSinks
+from prefill.jobs import PrefillConfig, PrefillJob, PrefillResult, PrefillStats
 
 __all__ = ["PrefillConfig", "PrefillJob", "PrefillResult", "PrefillStage", "PrefillStats"]
 
@@ -48,7 +47,7 @@ class _Task:
     is_started: bool = False  # pages allocated, sink open
     num_cached: int = 0  # prompt tokens taken from the prefix cache
     num_computed: int = 0  # prompt tokens whose KV is written (cached prefix included)
-    sink: KVSink | None = None
+    sink: OutboundKV | None = None  # the transfer to the job's decode receiver
     is_cancelled: bool = False
     is_released: bool = False  # sink closed or aborted, pages freed, future resolved
     block_hashes: list[int] = field(default_factory=list)  # of the prompt's full blocks
@@ -72,7 +71,7 @@ class PrefillStage:
         self.config = config
         self.cache = engine.cache
         self.allocator = self.cache.allocator
-        self._sinks = KVSinks(engine, transfer)
+        self._outbox = KVOutbox(engine.config, engine.cache, transfer)
         self._closer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefill-close")
         self._lock = threading.Lock()  # queue and task state
         self._has_work = threading.Condition(self._lock)
@@ -173,7 +172,7 @@ class PrefillStage:
         if self.prefix_cache is not None:
             with self._cache_lock:
                 self.prefix_cache.clear()
-        self._sinks.close()
+        self._outbox.close()
 
     # ---- the loop (one thread) --------------------------------------------------------------
     def step(self) -> bool:
@@ -231,11 +230,13 @@ class PrefillStage:
         task.is_started = True
         task.num_cached = task.num_computed = num_cached
         try:
-            task.sink = self._sinks.open(job, task.num_prompt) if job.kv_address else None
+            if job.kv_address is not None:
+                task.sink = self._outbox.open(
+                    job.request_id, job.request_id, job.kv_address, task.num_prompt, job.kv_format
+                )
             if task.sink is not None and num_cached > 0:
                 for layer in range(self.cache.num_layers):
-                    records = self.cache.export_layer(job.request_id, layer, 0, num_cached)
-                    task.sink.send_layer(layer, 0, num_cached, records)
+                    task.sink.send_layer(layer, 0, num_cached)
         except Exception as e:  # a transfer failure is an answer, not a crash
             self._finish(task, error=f"KV transfer to {job.kv_address} failed: {e}")
         return True
@@ -252,9 +253,7 @@ class PrefillStage:
             if task.is_cancelled:
                 raise _Cancelled
             if task.sink is not None:
-                task.sink.send_layer(
-                    layer, lo, hi, self.cache.export_layer(job.request_id, layer, lo, hi)
-                )
+                task.sink.send_layer(layer, lo, hi)
 
         try:
             logits = self.engine.prefill(

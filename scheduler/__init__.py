@@ -6,10 +6,10 @@ Public API (see scheduler/README.md): ``SchedulerConfig``, ``Scheduler``, the me
 it from its module, not from here).
 """
 
+from common.prefix import BlockLRU, InsertResult, block_hashes
 from scheduler.config import SchedulerConfig
 from scheduler.ledger import UnknownInstanceError
 from scheduler.policy import Scheduler
-from common.prefix import BlockLRU, InsertResult, block_hashes
 from scheduler.state import (
     DecodeInstanceState,
     PrefillInstanceState,

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from kvtransfer import KVLayout, KVSender, TransferConfig, model_fingerprint
+from kvtransfer import KVLayout, KVSender, TransferConfig, export_records, model_fingerprint
 from model.config import ModelConfig
 from model.kv_cache import PagedLatentCache
 
@@ -85,7 +85,7 @@ def send_all(
     for start in range(0, num_tokens, step):  # chunked prefill order: chunk x layer
         end = min(start + step, num_tokens)
         for layer in range(cache.num_layers):
-            sender.send_layer(layer, start, end, cache.export_layer(seq_id, layer, start, end))
+            sender.send_layer(layer, start, end, export_records(cache, seq_id, layer, start, end))
     return sender.end()
 
 

@@ -29,6 +29,7 @@ from kvtransfer import (
     KVSender,
     Status,
     TransferError,
+    export_records,
     model_fingerprint,
     wire,
 )
@@ -113,7 +114,7 @@ def test_corrupted_bytes_detected_through_the_sender(config, receiver, sender, s
 
     wire.encode_chunk = flip
     try:
-        sender.send_layer(0, 0, 50, source.export_layer("p", 0, 0, 50))
+        sender.send_layer(0, 0, 50, export_records(source, "p", 0, 0, 50))
         with pytest.raises(TransferError) as e:
             sender.end()
     finally:
@@ -195,13 +196,13 @@ def test_receiver_stops_mid_stream(config, source) -> None:
     res = rx.reserve("req", 100)
     with KVSender(rx.address, model_fingerprint(config, "bf16"), FAST) as tx:
         tx.begin("t-stop", "req", 100, NUM_LAYERS, KVLayout.of(source))
-        tx.send_layer(0, 0, 100, source.export_layer("p", 0, 0, 100))
+        tx.send_layer(0, 0, 100, export_records(source, "p", 0, 0, 100))
         rx.stop()
         _failed_with(res, Status.SHUTDOWN)
         assert cache.allocator.num_free_pages == free
         with pytest.raises(TransferError) as e:
             for layer in range(1, NUM_LAYERS):
-                tx.send_layer(layer, 0, 100, source.export_layer("p", layer, 0, 100))
+                tx.send_layer(layer, 0, 100, export_records(source, "p", layer, 0, 100))
             tx.end()
     assert e.value.status in (Status.SHUTDOWN, Status.RECEIVER_UNAVAILABLE)
 
@@ -232,7 +233,7 @@ def test_duplicated_chunk_is_ignored_when_identical(config, receiver) -> None:
     answers = raw_exchange(receiver.address, frames)
     assert answers[-1].code is Status.COMPLETE and answers[3].message == "duplicate ignored"
     assert res.wait(WAIT).num_duplicates == 1
-    assert torch.all(receiver.cache.export_layer("req", 2, 0, 2) == 2)
+    assert torch.all(export_records(receiver.cache, "req", 2, 0, 2) == 2)
 
 
 def test_duplicated_chunk_with_other_bytes_fails(config, receiver) -> None:
@@ -257,7 +258,7 @@ def test_sender_abort_frees_pages(config, receiver, sender, source) -> None:
     fill(source, "p", 30)
     res = receiver.reserve("req", 30)
     sender.begin("t-abort", "req", 30, NUM_LAYERS, KVLayout.of(source))
-    sender.send_layer(0, 0, 30, source.export_layer("p", 0, 0, 30))
+    sender.send_layer(0, 0, 30, export_records(source, "p", 0, 0, 30))
     sender.abort("prefill failed")
     _failed_with(res, Status.ABORTED)
     assert receiver.cache.allocator.num_free_pages == free
@@ -271,7 +272,7 @@ def test_decode_side_cancel_reaches_the_sender(config, receiver, sender, source)
     _failed_with(res, Status.CANCELLED)
     with pytest.raises(TransferError) as e:
         for layer in range(NUM_LAYERS):
-            sender.send_layer(layer, 0, 30, source.export_layer("p", layer, 0, 30))
+            sender.send_layer(layer, 0, 30, export_records(source, "p", layer, 0, 30))
         sender.end()
     assert e.value.status is Status.CANCELLED
 
@@ -282,17 +283,17 @@ def test_broken_stream_resumes_once(config, receiver, source) -> None:
     proxy = CuttableProxy(receiver.address)
     with KVSender(proxy.address, model_fingerprint(config, "bf16"), FAST) as tx:
         tx.begin("t-resume", "req", 400, NUM_LAYERS, KVLayout.of(source))
-        tx.send_layer(0, 0, 400, source.export_layer("p", 0, 0, 400))
+        tx.send_layer(0, 0, 400, export_records(source, "p", 0, 0, 400))
         proxy.cut()
         for layer in range(1, NUM_LAYERS):
-            tx.send_layer(layer, 0, 400, source.export_layer("p", layer, 0, 400))
+            tx.send_layer(layer, 0, 400, export_records(source, "p", layer, 0, 400))
         sent = tx.end()
     got = res.wait(WAIT)
     assert sent.num_resumes == 1 and got.num_resumes == 1
     for layer in range(NUM_LAYERS):
         assert torch.equal(
-            source.export_layer("p", layer, 0, 400),
-            receiver.cache.export_layer("req", layer, 0, 400),
+            export_records(source, "p", layer, 0, 400),
+            export_records(receiver.cache, "req", layer, 0, 400),
         )
     proxy.close()
 
@@ -304,12 +305,12 @@ def test_second_break_is_a_clear_failure(config, receiver, source) -> None:
     proxy = CuttableProxy(receiver.address)
     with KVSender(proxy.address, model_fingerprint(config, "bf16"), FAST) as tx:
         tx.begin("t-break", "req", 400, NUM_LAYERS, KVLayout.of(source))
-        tx.send_layer(0, 0, 400, source.export_layer("p", 0, 0, 400))
+        tx.send_layer(0, 0, 400, export_records(source, "p", 0, 0, 400))
         proxy.close()  # the connection drops and the receiver stays unreachable
         t0 = time.monotonic()
         with pytest.raises(TransferError) as e:
             for layer in range(1, NUM_LAYERS):
-                tx.send_layer(layer, 0, 400, source.export_layer("p", layer, 0, 400))
+                tx.send_layer(layer, 0, 400, export_records(source, "p", layer, 0, 400))
             tx.end()
         assert time.monotonic() - t0 < WAIT
     assert e.value.status in (Status.RECEIVER_UNAVAILABLE, Status.STREAM_BROKEN)

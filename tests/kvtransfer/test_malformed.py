@@ -11,7 +11,7 @@ import pytest
 import torch
 from kvt_helpers import FAST, fill, open_frame, raw_exchange, send_all
 
-from kvtransfer import Status, TransferError, wire
+from kvtransfer import Status, TransferError, export_records, wire
 
 
 def _statuses(receiver, frames: list[bytes]) -> list[Status]:
@@ -24,7 +24,7 @@ def _still_serves(receiver, sender, source) -> None:
     send_all(sender, source, "ok", "after", 20)
     res.wait(2.0)
     assert torch.equal(
-        receiver.cache.export_layer("after", 0, 0, 20), source.export_layer("ok", 0, 0, 20)
+        export_records(receiver.cache, "after", 0, 0, 20), export_records(source, "ok", 0, 0, 20)
     )
 
 

@@ -14,12 +14,19 @@ from kvt_helpers import (
     send_all,
 )
 
-from kvtransfer import KVLayout, KVReceiver, KVSender, accepted_fingerprints, model_fingerprint
+from kvtransfer import (
+    KVLayout,
+    KVReceiver,
+    KVSender,
+    accepted_fingerprints,
+    export_records,
+    model_fingerprint,
+)
 from model.kv_cache import PagedLatentCache
 
 
 def _layers(cache: PagedLatentCache, seq_id: object, n: int) -> list[torch.Tensor]:
-    return [cache.export_layer(seq_id, layer, 0, n) for layer in range(cache.num_layers)]
+    return [export_records(cache, seq_id, layer, 0, n) for layer in range(cache.num_layers)]
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16"])
@@ -96,7 +103,7 @@ def test_sixteen_concurrent_transfers_never_mix(config) -> None:
                         end = min(start + 64, num_tokens)
                         for layer in range(NUM_LAYERS):
                             tx.send_layer(
-                                layer, start, end, src.export_layer(f"p{i}", layer, start, end)
+                                layer, start, end, export_records(src, f"p{i}", layer, start, end)
                             )
                     tx.end()
             except BaseException as e:  # surfaced below

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.engine import Engine
 from common.sampling import SamplingParams
+from model.engine import Engine
 
 
 @pytest.fixture(scope="module")

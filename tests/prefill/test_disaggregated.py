@@ -11,11 +11,11 @@ from concurrent import futures
 
 import pytest
 
+from common.sampling import SamplingParams
 from decode.jobs import DecodeConfig, DecodeJob
 from decode.mixed import MixedStage
 from decode.stage import DecodeStage
 from kvtransfer import KVReceiver, TransferConfig, accepted_fingerprints, model_fingerprint
-from common.sampling import SamplingParams
 from prefill.jobs import PrefillConfig, PrefillJob
 from prefill.stage import PrefillStage
 
