@@ -2,7 +2,8 @@
 
 ``tidal make-model --preset k2-tiny --out DIR`` writes a seeded random checkpoint;
 ``tidal serve ...`` starts a cluster (``cluster.serve.run_from_args``, imported only when used so
-``make-model`` never pays for Ray).
+``make-model`` never pays for Ray); ``tidal plan ...`` sizes weights and KV per rank for a layout
+(``cluster.memory_plan``, no torch or Ray) and exits 2 when the layout cannot fit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.memory_plan import RoleLayout
 
 KV_FORMATS = ("bf16", "fp8", "fp32")
 
@@ -59,6 +64,50 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve, parser=p)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from cluster import memory_plan as mp
+
+    p = sub.add_parser(
+        "plan",
+        help="memory per rank (weights, KV, longest context) for a layout; exit 2 if it cannot fit",
+        description="Size one rank of each role: weights (replicated part + its share of the "
+        "routed experts + redundant slots), the KV cache left, and the longest context. "
+        "Sizes in GB (10^9 bytes).",
+    )
+    p.add_argument("--model", required=True, help="model directory or its config.json")
+    p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU (H200: 141)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--prefill-ranks", type=int, help="ranks (GPUs) per prefill instance")
+    p.add_argument("--decode-ranks", type=int, help="ranks (GPUs) per decode instance")
+    p.add_argument("--colocated-ranks", type=int, help="ranks per mixed instance (instead of P/D)")
+    p.add_argument(
+        "--weights",
+        choices=mp.WEIGHT_FORMATS,
+        help="weights in memory (default: fp8 if the checkpoint is block-FP8, else bf16)",
+    )
+    p.add_argument(
+        "--kv-format", choices=mp.KV_FORMATS, default="bf16", help="KV cache format (default bf16)"
+    )
+    p.add_argument(
+        "--redundant-experts",
+        type=_positive_int,
+        default=0,
+        help="extra EPLB expert slots per rank per MoE layer (default 0)",
+    )
+    p.add_argument(
+        "--reserve-gb",
+        type=float,
+        help=f"activations/workspace per rank (default {mp.DEFAULT_RESERVE_FRACTION:.0%}% of GPU)",
+    )
+    p.add_argument(
+        "--require-context",
+        type=int,
+        metavar="TOKENS",
+        help="refuse unless every rank can hold one context of this many tokens",
+    )
+    p.set_defaults(func=_plan, parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidal", description="Disaggregated prefill/decode serving for Kimi-K2-class models."
@@ -66,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_make_model(sub)
     _add_serve(sub)
+    _add_plan(sub)
     return parser
 
 
@@ -102,6 +152,32 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     result = run_from_args(args)
     return int(result or 0)
+
+
+def _plan_layouts(args: argparse.Namespace) -> list[RoleLayout]:
+    from cluster.memory_plan import RoleLayout
+
+    parser: argparse.ArgumentParser = args.parser
+    ranks = {"prefill": args.prefill_ranks, "decode": args.decode_ranks}
+    given = {role: n for role, n in ranks.items() if n is not None}
+    if args.colocated_ranks is not None:
+        if given:
+            parser.error("--colocated-ranks plans mixed instances; drop --prefill/--decode-ranks")
+        return [RoleLayout("mixed", args.colocated_ranks)]
+    if not given:
+        parser.error("give --prefill-ranks R and/or --decode-ranks R (or --colocated-ranks R)")
+    return [RoleLayout(role, n) for role, n in given.items()]
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.memory_plan import Hardware, PlanOptions, load_config, plan_cluster
+
+    config = load_config(args.model)
+    weights = args.weights or ("fp8" if config.is_fp8_checkpoint else "bf16")
+    options = PlanOptions(weights, args.kv_format, args.redundant_experts, args.require_context)
+    hardware = Hardware(args.gpu_mem_gb, args.gpus_per_node, args.reserve_gb)
+    print(plan_cluster(config, _plan_layouts(args), hardware, options).table())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
