@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cluster.memory_plan import RoleLayout
 
-KV_FORMATS = ("bf16", "fp8", "fp32")
+KV_FORMATS = ("auto", "bf16", "fp8", "fp32")
 
 
 def _positive_int(text: str) -> int:
@@ -60,7 +60,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--kv-format", choices=KV_FORMATS, default="bf16", help="latent KV format")
+    p.add_argument(
+        "--kv-format",
+        choices=KV_FORMATS,
+        default="auto",
+        help="latent KV cache format (default auto: the model dtype)",
+    )
     p.set_defaults(func=_serve, parser=p)
 
 

@@ -62,7 +62,7 @@ class EngineSpec:
     model_dir: str
     dtype: str = "float32"
     device: str = "cpu"  # "cuda" on GPU nodes; each rank sees its own GPU
-    kv_format: str = "bf16"  # KV cache format of every worker
+    kv_format: str = "auto"  # KV cache format of every worker; auto = the model dtype
     num_pages: int | None = None  # None: the engine sizes it
     page_size: int = 64
     chunk_size: int = 512

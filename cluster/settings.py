@@ -20,6 +20,7 @@ from prefill.jobs import PrefillConfig
 from scheduler.config import SchedulerConfig
 
 KVFormatName = Literal["bf16", "fp8", "fp32"]
+CacheFormatName = Literal["auto", "bf16", "fp8", "fp32"]
 
 
 class ServeSettings(BaseModel):
@@ -34,7 +35,9 @@ class ServeSettings(BaseModel):
     model_name: str | None = Field(None, description="name clients send; default: dir name")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] | None = Field(None, description="None -> cuda if GPUs")
-    kv_format: KVFormatName = Field("bf16", description="KV cache format of every worker")
+    kv_format: CacheFormatName = Field(
+        "auto", description="KV cache format of every worker; auto = the model dtype"
+    )
     wire_format: KVFormatName | None = Field(None, description="KV on the wire; None -> kv_format")
     num_pages: int | None = Field(None, gt=0, description="KV pages per worker; None -> engine")
     page_size: int = Field(64, gt=0)
@@ -74,6 +77,15 @@ class ServeSettings(BaseModel):
             raise ValueError("no decode instance: use --decode M >= 1, or --colocated N")
         return self
 
+    @model_validator(mode="after")
+    def _kv_format_has_a_dtype(self) -> ServeSettings:
+        if self.kv_format == "auto" and self.dtype == "float16":
+            raise ValueError(
+                "kv_format auto keeps the KV in the model dtype, and float16 has no KV format: "
+                "set kv_format to bf16, fp8 or fp32, or dtype to float32 or bfloat16"
+            )
+        return self
+
     def model_dir(self) -> Path:
         """The checkpoint directory, generating the preset first when it is missing."""
         if self.model is not None:
@@ -88,18 +100,19 @@ class ServeSettings(BaseModel):
 
     def to_config(self) -> ClusterConfig:
         from model.config import ModelConfig
-        from model.kv_cache import bytes_per_token
+        from model.kv_cache import bytes_per_token, resolve_kv_format
 
         model_dir = self.model_dir()
         mc = ModelConfig.from_json(model_dir / "config.json")
-        wire = self.wire_format or self.kv_format
+        kv_format = resolve_kv_format(self.kv_format, self.dtype).value
+        wire = self.wire_format or kv_format
         has_gpus = self.device == "cuda" or (self.device is None and _cluster_has_gpus())
         device = self.device or ("cuda" if has_gpus else "cpu")
         engine = EngineSpec(
             model_dir=str(model_dir),
             dtype=self.dtype,
             device=device,
-            kv_format=self.kv_format,
+            kv_format=kv_format,
             num_pages=self.num_pages,
             page_size=self.page_size,
             chunk_size=self.chunk_size,

@@ -157,7 +157,14 @@ class ModelConfig:
         scoring = raw.get("scoring_func", "sigmoid")
         if scoring != "sigmoid":
             raise ConfigError(f"{source}: scoring_func {scoring!r} unsupported; use 'sigmoid'")
+        # Newer transformers write ``rope_parameters`` (rope_theta and the scaling in one dict,
+        # "default" when there is none) where older ones and the shipped K2/V3 configs write
+        # ``rope_scaling`` and ``rope_theta``: read both.
+        rope_params = raw.get("rope_parameters") or {}
         rs_raw = raw.get("rope_scaling")
+        if rs_raw is None and rope_params.get("rope_type", "default") != "default":
+            rs_raw = rope_params
+        rope_theta = float(raw.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
         rope_scaling = None
         if rs_raw:
             rs_type = rs_raw.get("type", rs_raw.get("rope_type"))
@@ -209,7 +216,7 @@ class ModelConfig:
             topk_method=topk_method,
             scoring_func=scoring,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             max_position_embeddings=int(raw["max_position_embeddings"]),
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),

@@ -15,7 +15,7 @@ import torch
 
 from model.config import ModelConfig
 from model.fingerprint import model_fingerprint
-from model.kv_cache import KVFormat, PagedLatentCache
+from model.kv_cache import KVFormat, PagedLatentCache, resolve_kv_format
 from model.sampling import SamplingParams, sample_token
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
@@ -55,7 +55,7 @@ class Engine:
         path: str | Path,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        kv_format: KVFormat | str = "bf16",
+        kv_format: KVFormat | str = "auto",
         num_pages: int | None = None,
         page_size: int = 64,
         chunk_size: int = 512,
@@ -64,8 +64,9 @@ class Engine:
     ) -> Engine:
         """Read ``config.json``, the tokenizer and the weights of a model directory.
 
-        The cache holds ``num_pages`` pages, or enough for ``max_num_tokens`` tokens (default
-        min(32K, max_position_embeddings)).
+        ``kv_format`` "auto" keeps the KV in the model ``dtype`` (fp32 or bf16); "bf16", "fp8"
+        and "fp32" choose it by name. The cache holds ``num_pages`` pages, or enough for
+        ``max_num_tokens`` tokens (default min(32K, max_position_embeddings)).
         """
         path = Path(path)
         device = torch.device(device)
@@ -81,7 +82,7 @@ class Engine:
             config.qk_rope_head_dim,
             num_pages,
             page_size,
-            kv_format,
+            resolve_kv_format(kv_format, str(dtype)),
             device,
         )
         tokenizer = Tokenizer.load(path)

@@ -38,6 +38,25 @@ class KVFormat(str, Enum):
         ]
 
 
+# ``kv_format="auto"``: the KV cache keeps the model's own precision (fp32 runs match the
+# reference within 1e-4 only with an fp32 cache); bf16 and fp8 are chosen by name.
+AUTO_KV_FORMATS = {"float32": KVFormat.FP32, "bfloat16": KVFormat.BF16}
+
+
+def resolve_kv_format(name: KVFormat | str, dtype_name: str) -> KVFormat:
+    """``"auto"`` -> the format of the model dtype (``"float32"``, ``"bfloat16"``); any other
+    name -> that format. Raises ValueError with the fix when there is none."""
+    if name != "auto":
+        return KVFormat(name)
+    dtype_name = dtype_name.removeprefix("torch.")
+    if dtype_name not in AUTO_KV_FORMATS:
+        raise ValueError(
+            f"kv_format auto: dtype {dtype_name} has no KV format of its own; "
+            "set kv_format to bf16, fp8 or fp32"
+        )
+    return AUTO_KV_FORMATS[dtype_name]
+
+
 def bytes_per_token(fmt: KVFormat | str, kv_lora_rank: int, rope_dim: int) -> int:
     """Bytes one token occupies in one layer's cache (and on the wire)."""
     fmt = KVFormat(fmt)

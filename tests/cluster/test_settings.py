@@ -16,8 +16,23 @@ def test_disaggregated_config_from_model_dir(tiny_model_dir):
     assert cfg.scheduler.max_model_len == 8192  # k2-tiny's max_position_embeddings
     assert cfg.pool("decode").resources.bundle(has_gpus=False) == {"CPU": 0.5}
     assert cfg.pool("decode").resources.bundle(has_gpus=True) == {"CPU": 0.5, "GPU": 1.0}
-    # bf16 latent: (kv_lora_rank 128 + rope 16) x 2 bytes x 3 layers
-    assert cfg.scheduler.kv_bytes_per_token == (128 + 16) * 2 * 3
+    # kv_format auto with the float32 default: fp32 latent, (kv_lora_rank 128 + rope 16) x 4
+    # bytes x 3 layers, on the wire too
+    assert cfg.engine.kv_format == "fp32" and cfg.wire_format == "fp32"
+    assert cfg.scheduler.kv_bytes_per_token == (128 + 16) * 4 * 3
+
+
+def test_kv_format_auto_follows_the_dtype_and_names_stay_available(tiny_model_dir):
+    def formats(**kw):
+        cfg = ServeSettings(model=str(tiny_model_dir), **kw).to_config()
+        return cfg.engine.kv_format, cfg.wire_format, cfg.scheduler.kv_bytes_per_token
+
+    assert formats(dtype="bfloat16") == ("bf16", "bf16", (128 + 16) * 2 * 3)
+    assert formats(kv_format="bf16") == ("bf16", "bf16", (128 + 16) * 2 * 3)
+    assert formats(kv_format="fp8", wire_format="fp8")[:2] == ("fp8", "fp8")
+    assert formats(dtype="float16", kv_format="fp32")[0] == "fp32"
+    with pytest.raises(ValidationError, match="float16 has no KV format"):
+        ServeSettings(dtype="float16")
 
 
 def test_colocated_replaces_pools(tiny_model_dir):
