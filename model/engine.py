@@ -19,7 +19,7 @@ from model.kv_cache import KVFormat, PagedLatentCache, resolve_kv_format
 from model.sampling import SamplingParams, sample_token
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
-from model.weights import load_state_dict
+from model.weights import WeightFormat, load_weights, resident_bytes
 
 DEFAULT_MAX_NUM_TOKENS = 32768
 
@@ -61,17 +61,27 @@ class Engine:
         chunk_size: int = 512,
         expert_ids: list[int] | None = None,
         max_num_tokens: int | None = None,
+        weight_format: WeightFormat | str = "auto",
     ) -> Engine:
         """Read ``config.json``, the tokenizer and the weights of a model directory.
 
         ``kv_format`` "auto" keeps the KV in the model ``dtype`` (fp32 or bf16); "bf16", "fp8"
         and "fp32" choose it by name. The cache holds ``num_pages`` pages, or enough for
-        ``max_num_tokens`` tokens (default min(32K, max_position_embeddings)).
+        ``max_num_tokens`` tokens (default min(32K, max_position_embeddings)). ``weight_format``
+        "auto" keeps a block-FP8 checkpoint's linears FP8 in memory (FP8 GEMM), "fp8" requires
+        that, "dequantize" widens them to ``dtype``; other checkpoints load in ``dtype``.
         """
         path = Path(path)
         device = torch.device(device)
         config = ModelConfig.from_json(path / "config.json")
-        state = load_state_dict(path, config, dtype=dtype, device=device, expert_ids=expert_ids)
+        state = load_weights(
+            path,
+            config,
+            weight_format=weight_format,
+            dtype=dtype,
+            device=device,
+            expert_ids=expert_ids,
+        )
         model = Transformer(config, state, device, expert_ids)
         if num_pages is None:
             tokens = max_num_tokens or min(DEFAULT_MAX_NUM_TOKENS, config.max_position_embeddings)
@@ -94,6 +104,12 @@ class Engine:
     def fingerprint(self) -> str:
         """Hash of the config and KV format; kvtransfer refuses KV from a different one."""
         return model_fingerprint(self.config, self.cache.fmt)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights resident in memory (e4m3 1 B/value + fp32 block scales for FP8
+        linears); a storage shared by views or tied weights counts once."""
+        return resident_bytes(self.model.weights())
 
     @property
     def expert_counts(self) -> dict[int, torch.Tensor]:

@@ -15,16 +15,16 @@ is what the cache stores. ``W_kvb`` lifts the latent to per-head keys and values
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.kernels.mla_decode import paged_mla_decode
 from model.kv_cache import PagedLatentCache
-from model.layers import rms_norm
+from model.layers import linear, rms_norm
 from model.rope import RotaryEmbedding, apply_rope
+from model.weights import Weight, cat_weights, dense_weight
 
 ATTENTION_BLOCK = 256  # queries per score block in prefill attention
 
@@ -60,7 +60,7 @@ class MLA:
     def __init__(
         self,
         config: ModelConfig,
-        state: dict[str, torch.Tensor],
+        state: dict[str, Weight],
         prefix: str,
         rope: RotaryEmbedding,
     ) -> None:
@@ -82,14 +82,24 @@ class MLA:
             self.q_a_norm = state[f"{prefix}.q_a_layernorm.weight"]
             self.q_b = state[f"{prefix}.q_b_proj.weight"]  # [n*(dn+dr), q_lora]
             # q_a and kv_a read the same input: one GEMM  [q_lora + R + rope, H]
-            self.in_proj = torch.cat([state[f"{prefix}.q_a_proj.weight"], kv_a]).contiguous()
+            self.in_proj = cat_weights([state[f"{prefix}.q_a_proj.weight"], kv_a])
         self.kv_a_norm = state[f"{prefix}.kv_a_layernorm.weight"]
-        kv_b = state[f"{prefix}.kv_b_proj.weight"]  # [n*(dn+dv), R]
-        self.kv_b = kv_b.contiguous()
-        w = kv_b.view(self.n_heads, self.d_nope + self.d_v, self.rank)
-        self.w_uk = w[:, : self.d_nope].contiguous()  # [n, dn, R]
-        self.w_uv_t = w[:, self.d_nope :].transpose(1, 2).contiguous()  # [n, R, dv]
+        # kv_b is dequantised once here if the checkpoint is FP8: the absorbed decode slices it
+        # per head (W_UK, W_UV), which block scales do not follow (head rows need not align to
+        # 128), and it is small (K2: 8.4 M values per layer against 17 B in its experts).
+        kv_b = dense_weight(state[f"{prefix}.kv_b_proj.weight"], self.kv_a_norm.dtype)
+        self.kv_b = kv_b.contiguous()  # [n*(dn+dv), R]
+        # W_UK and W_UV are views of kv_b, not copies: bmm reads the strided views as fast
+        # (measured on CPU, fp32 and bf16) and the weight is held once.
+        w = self.kv_b.view(self.n_heads, self.d_nope + self.d_v, self.rank)
+        self.w_uk = w[:, : self.d_nope]  # [n, dn, R]
+        self.w_uv_t = w[:, self.d_nope :].transpose(1, 2)  # [n, R, dv]
         self.o_proj = state[f"{prefix}.o_proj.weight"]  # [H, n*dv]
+
+    def weights(self) -> Iterator[Weight]:
+        yield from (self.in_proj, self.q_b, self.kv_a_norm, self.kv_b, self.o_proj)
+        if self.q_a_norm is not None:
+            yield self.q_a_norm
 
     # ---- shared projections --------------------------------------------------------------------
     def _project(
@@ -97,12 +107,12 @@ class MLA:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> q_nope [T, n, dn], q_pe [T, n, dr] (rotated), c_kv [T, R], k_pe [T, dr]."""
         t = x.shape[0]
-        a = F.linear(x, self.in_proj)  # [T, q_lora + R + dr]
+        a = linear(x, self.in_proj)  # [T, q_lora + R + dr]
         if self.q_a_norm is None:
-            q = F.linear(x, self.q_b)
+            q = linear(x, self.q_b)
             kv = a
         else:
-            q = F.linear(rms_norm(a[:, : self.q_lora], self.q_a_norm, self.eps), self.q_b)
+            q = linear(rms_norm(a[:, : self.q_lora], self.q_a_norm, self.eps), self.q_b)
             kv = a[:, self.q_lora :]
         q = q.view(t, self.n_heads, self.d_nope + self.d_rope)
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
@@ -130,12 +140,12 @@ class MLA:
         # everything from the cache, so chunking and the KV format act the same for every token
         c_all, k_pe_all = cache.read(seq_id, layer, end)  # fp32 [S, R], [S, dr]
         c_all, k_pe_all = c_all.to(x.dtype), k_pe_all.to(x.dtype)
-        kv = F.linear(c_all, self.kv_b).view(end, self.n_heads, self.d_nope + self.d_v)
+        kv = linear(c_all, self.kv_b).view(end, self.n_heads, self.d_nope + self.d_v)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [S, n, dn], [S, n, dv]
         k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, n, dn+dr]
         out = causal_attention(q, k, v, start, self.scale)  # [T, n, dv]
-        return F.linear(out.reshape(t, self.n_heads * self.d_v), self.o_proj)
+        return linear(out.reshape(t, self.n_heads * self.d_v), self.o_proj)
 
     # ---- decode: absorbed attention over pages ------------------------------------------------
     def decode(
@@ -166,4 +176,4 @@ class MLA:
         out = torch.bmm(
             out_lat.transpose(0, 1), self.w_uv_t
         )  # [n, B, R] @ [n, R, dv] -> [n, B, dv]
-        return F.linear(out.transpose(0, 1).reshape(b, self.n_heads * self.d_v), self.o_proj)
+        return linear(out.transpose(0, 1).reshape(b, self.n_heads * self.d_v), self.o_proj)

@@ -15,11 +15,14 @@ other experts are left out here (their contribution is combined across ranks els
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.layers import MLP
+from model.layers import MLP, linear
+from model.weights import Weight, cat_weights, stack_weights
 
 
 class Router:
@@ -37,7 +40,7 @@ class Router:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights fp32 [T, k], expert ids long [T, k])."""
         t, e = x.shape[0], self.weight.shape[0]
-        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        scores = linear(x.float(), self.weight).sigmoid()  # [T, E]
         biased = scores + self.bias  # [T, E], used only to choose
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = biased.view(t, self.n_group, e // self.n_group)  # [T, G, E/G]
@@ -60,7 +63,7 @@ class MoE:
     def __init__(
         self,
         config: ModelConfig,
-        state: dict[str, torch.Tensor],
+        state: dict[str, Weight],
         prefix: str,
         expert_ids: list[int] | None = None,
     ) -> None:
@@ -78,12 +81,10 @@ class MoE:
         p = [f"{prefix}.experts.{e}" for e in self.expert_ids]
         self.inter = config.moe_intermediate_size
         gate_up = [
-            torch.cat([state[f"{q}.gate_proj.weight"], state[f"{q}.up_proj.weight"]]) for q in p
+            cat_weights([state[f"{q}.gate_proj.weight"], state[f"{q}.up_proj.weight"]]) for q in p
         ]
-        self.gate_up = torch.stack(gate_up).contiguous()  # [E_local, 2I, H]
-        self.down = torch.stack(
-            [state[f"{q}.down_proj.weight"] for q in p]
-        ).contiguous()  # [E_local, H, I]
+        self.gate_up = stack_weights(gate_up)  # [E_local, 2I, H]
+        self.down = stack_weights([state[f"{q}.down_proj.weight"] for q in p])  # [E_local, H, I]
         self.shared = (
             MLP.from_state(state, f"{prefix}.shared_experts") if config.n_shared_experts else None
         )
@@ -110,15 +111,20 @@ class MoE:
             if n == 0:
                 continue
             end = start + n
-            gate_up = torch.mm(xs[start:end], self.gate_up[slot].t())  # [n, 2I]
+            gate_up = linear(xs[start:end], self.gate_up[slot])  # [n, 2I]
             gate, up = gate_up.split(self.inter, dim=-1)
             act = F.silu(gate).mul_(up)  # [n, I]
-            torch.mm(act, self.down[slot].t(), out=ys[start:end])  # [n, H]
+            ys[start:end] = linear(act, self.down[slot])  # [n, H]
             start = end
         ys.mul_(w.to(ys.dtype).unsqueeze(-1))
         out = torch.zeros_like(x)
         out.index_add_(0, token, ys)
         return out
+
+    def weights(self) -> Iterator[Weight]:
+        yield from (self.router.weight, self.router.bias, self.gate_up, self.down)
+        if self.shared is not None:
+            yield from self.shared.weights()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)

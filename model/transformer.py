@@ -1,23 +1,24 @@
 """The decoder stack: embeddings, MLA + (dense MLP | MoE) layers, final norm, LM head.
 
-Built from a dict of HF-named tensors (``model.weights.load_state_dict``). Two entry points
+Built from a dict of HF-named weights (``model.weights.load_weights``: tensors, and ``Fp8Weight``
+for the linears of a block-FP8 checkpoint kept in FP8). Two entry points
 mirror the two attention paths: ``prefill`` runs a chunk of one sequence, ``decode`` one token
 for each sequence of a batch. Both write the layer's latent KV before attending.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.kv_cache import PagedLatentCache
-from model.layers import MLP, rms_norm
+from model.layers import MLP, linear, rms_norm
 from model.mla import MLA
 from model.moe import MoE
 from model.rope import RotaryEmbedding
+from model.weights import Weight
 
 
 class DecoderLayer:
@@ -26,7 +27,7 @@ class DecoderLayer:
     def __init__(
         self,
         config: ModelConfig,
-        state: dict[str, torch.Tensor],
+        state: dict[str, Weight],
         idx: int,
         rope: RotaryEmbedding,
         expert_ids: list[int] | None,
@@ -42,6 +43,11 @@ class DecoderLayer:
             else MLP.from_state(state, f"{p}.mlp")
         )
 
+    def weights(self) -> Iterator[Weight]:
+        yield from (self.input_norm, self.post_attn_norm)
+        yield from self.attn.weights()
+        yield from self.ffn.weights()
+
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.ffn(rms_norm(h, self.post_attn_norm, self.eps))
 
@@ -52,7 +58,7 @@ class Transformer:
     def __init__(
         self,
         config: ModelConfig,
-        state: dict[str, torch.Tensor],
+        state: dict[str, Weight],
         device: torch.device | str = "cpu",
         expert_ids: list[int] | None = None,
     ) -> None:
@@ -67,13 +73,19 @@ class Transformer:
         self.lm_head = state["lm_head.weight"]  # [V, H]
         self.device = torch.device(device)
 
+    def weights(self) -> Iterator[Weight]:
+        """Every weight the model holds (views and tied weights may repeat a storage)."""
+        yield from (self.embed, self.norm, self.lm_head)
+        for layer in self.layers:
+            yield from layer.weights()
+
     @property
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; h [T, H] -> fp32 [T, V]."""
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head).float()
 
     def prefill(
         self,

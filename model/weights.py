@@ -9,14 +9,18 @@ shards are not even opened unless they hold something else we need). Tensors of 
 Block-FP8 checkpoints (DeepSeek-V3 / Kimi-K2 as shipped) store every linear layer of the decoder
 as e4m3 with an fp32 ``<name>_scale_inv`` per 128x128 block,
 ``w[i, j] = q[i, j] * scale_inv[i // 128, j // 128]``; they are dequantised at load unless
-``keep_fp8`` asks for the raw pair (for an FP8 GEMM).
+``keep_fp8`` asks for the raw pair (for an FP8 GEMM). ``load_weights`` folds each pair into an
+``Fp8Weight``, which the model's linears hand to the block-FP8 GEMM (``model.kernels.fp8_gemm``),
+so an FP8 checkpoint stays FP8 in memory.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -175,6 +179,130 @@ def dequantize_block_fp8(
     """(e4m3 [out, in], fp32 [ceil(out/bo), ceil(in/bi)]) -> fp32 [out, in]."""
     b = _blocks(e4m3_to_float(q), block)
     return _unblock(b * scale_inv.float()[:, None, :, None], tuple(q.shape))
+
+
+# ---- block-FP8 weights kept in memory ------------------------------------------------------------
+class WeightFormat(str, Enum):
+    """How a checkpoint's linear weights live in memory.
+
+    AUTO: as stored (a block-FP8 checkpoint stays FP8, others load in the model dtype); FP8:
+    block-FP8, refused for a checkpoint that is not; DEQUANTIZE: widened to the model dtype.
+    """
+
+    AUTO = "auto"
+    FP8 = "fp8"
+    DEQUANTIZE = "dequantize"
+
+
+@dataclass(frozen=True, eq=False)
+class Fp8Weight:
+    """A block-FP8 linear weight kept as stored: ``w[..., i, j] = q[..., i, j] * s[..., i // bo, j // bi]``.
+
+    ``q``: float8_e4m3fn [..., out, in]; ``scale_inv`` (``s``): fp32 [..., ceil(out/bo), ceil(in/bi)];
+    ``block``: (bo, bi). Leading dims stack experts: ``w[e]`` is expert e's [out, in] weight.
+    """
+
+    q: torch.Tensor
+    scale_inv: torch.Tensor
+    block: tuple[int, int] = (128, 128)
+
+    def __post_init__(self) -> None:
+        want = (*self.q.shape[:-2], *scale_shape(tuple(self.q.shape[-2:]), self.block))
+        assert self.q.dtype == torch.float8_e4m3fn, f"Fp8Weight.q must be e4m3, got {self.q.dtype}"
+        assert self.scale_inv.dtype == torch.float32 and tuple(self.scale_inv.shape) == want, (
+            f"Fp8Weight.scale_inv must be fp32 {list(want)} for q {list(self.q.shape)} and block "
+            f"{self.block}, got {self.scale_inv.dtype} {list(self.scale_inv.shape)}"
+        )
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def nbytes(self) -> int:
+        """1 B per e4m3 value + 4 B per block scale."""
+        return self.q.numel() * self.q.element_size() + self.scale_inv.numel() * 4
+
+    def __getitem__(self, i: int) -> Fp8Weight:
+        return Fp8Weight(self.q[i], self.scale_inv[i], self.block)
+
+    def contiguous(self) -> Fp8Weight:
+        return Fp8Weight(self.q.contiguous(), self.scale_inv.contiguous(), self.block)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense [out, in] weight in ``dtype`` (computed in fp32)."""
+        return dequantize_block_fp8(self.q, self.scale_inv, self.block).to(dtype)
+
+    def with_row_block(self, rows: int) -> Fp8Weight:
+        """The same weight with its scales restated per ``rows`` output rows (bo % rows == 0).
+
+        Exact (each scale is repeated), so differently sized weights can be concatenated.
+        """
+        bo, bi = self.block
+        assert bo % rows == 0, f"row block {rows} must divide the weight's block {bo}"
+        n = math.ceil(self.q.shape[-2] / rows)
+        scale = self.scale_inv.repeat_interleave(bo // rows, dim=-2)[..., :n, :]
+        return Fp8Weight(self.q, scale.contiguous(), (rows, bi))
+
+
+Weight = torch.Tensor | Fp8Weight  # a linear weight [..., out, in]: dense, or block-FP8
+
+
+def cat_weights(parts: Sequence[Weight]) -> Weight:
+    """Concatenate [out_i, in] linear weights along the output dim (one GEMM for one input).
+
+    FP8 parts keep their codes; where a part ends inside a scale block (the q_a/kv_a fusion, or
+    gate/up of a small expert), scales are restated on the finer row grid gcd(bo, sizes).
+    """
+    if not any(isinstance(p, Fp8Weight) for p in parts):
+        return torch.cat(list(parts)).contiguous()
+    assert all(isinstance(p, Fp8Weight) for p in parts), "cannot mix FP8 and dense weights"
+    rows = math.gcd(parts[0].block[0], *(p.shape[-2] for p in parts[:-1]))
+    fine = [p.with_row_block(rows) for p in parts]
+    assert len({p.block for p in fine}) == 1, f"blocks differ: {[p.block for p in parts]}"
+    q = torch.cat([p.q for p in fine], dim=-2).contiguous()
+    return Fp8Weight(q, torch.cat([p.scale_inv for p in fine], dim=-2).contiguous(), fine[0].block)
+
+
+def stack_weights(parts: Sequence[Weight]) -> Weight:
+    """Stack same-shaped [out, in] weights (the experts of a layer) into [E, out, in]."""
+    if not any(isinstance(p, Fp8Weight) for p in parts):
+        return torch.stack(list(parts)).contiguous()
+    assert all(isinstance(p, Fp8Weight) for p in parts), "cannot mix FP8 and dense weights"
+    assert len({p.block for p in parts}) == 1, f"blocks differ: {[p.block for p in parts]}"
+    q = torch.stack([p.q for p in parts])
+    return Fp8Weight(q, torch.stack([p.scale_inv for p in parts]), parts[0].block)
+
+
+def dense_weight(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` as a plain tensor in ``dtype`` (dequantised if FP8)."""
+    return w.dequantize(dtype) if isinstance(w, Fp8Weight) else w.to(dtype)
+
+
+def resident_bytes(weights: Iterable[Weight]) -> int:
+    """Bytes of the distinct storages behind ``weights``: views and tied weights count once."""
+    storages: dict[int, int] = {}
+    for w in weights:
+        for t in (w.q, w.scale_inv) if isinstance(w, Fp8Weight) else (w,):
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def fold_fp8_pairs(state: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, Weight]:
+    """``load_state_dict(..., keep_fp8=True)`` output with each (e4m3, ``_scale_inv``) pair as one
+    ``Fp8Weight`` under the weight's name."""
+    out: dict[str, Weight] = {}
+    for name, t in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(name + SCALE_SUFFIX)
+        out[name] = t if scale is None else Fp8Weight(t, scale, block)
+    return out
 
 
 # ---- reading files -----------------------------------------------------------------------------
@@ -356,3 +484,31 @@ def load_model_dir(
         model_dir, config, dtype=dtype, device=device, expert_ids=expert_ids, keep_fp8=keep_fp8
     )
     return config, state
+
+
+def load_weights(
+    model_dir: str | Path,
+    config: ModelConfig,
+    *,
+    weight_format: WeightFormat | str = WeightFormat.AUTO,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    expert_ids: list[int] | None = None,
+) -> dict[str, Weight]:
+    """``load_state_dict``, with block-FP8 linears as ``Fp8Weight`` unless ``weight_format`` says
+    ``dequantize`` (see ``WeightFormat``); everything else in ``dtype``."""
+    try:
+        fmt = WeightFormat(weight_format)
+    except ValueError:
+        choices = ", ".join(f.value for f in WeightFormat)
+        raise ValueError(f"weight_format must be one of {choices}; got {weight_format!r}") from None
+    if fmt is WeightFormat.FP8 and not config.is_fp8_checkpoint:
+        raise WeightsError(
+            f"{model_dir}: weight_format='fp8' needs a block-FP8 checkpoint (config.json "
+            "quantization_config.quant_method 'fp8'); use 'auto' or 'dequantize' for this one"
+        )
+    keep_fp8 = config.is_fp8_checkpoint and fmt is not WeightFormat.DEQUANTIZE
+    state = load_state_dict(
+        model_dir, config, dtype=dtype, device=device, expert_ids=expert_ids, keep_fp8=keep_fp8
+    )
+    return fold_fp8_pairs(state, config.fp8_block_size) if keep_fp8 else dict(state)
