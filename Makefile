@@ -25,6 +25,7 @@ serve: $(BIN)/tidal $(MODEL_DIR)/config.json
 
 test: $(BIN)/tidal
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --durations=15
 
 lint: $(BIN)/tidal

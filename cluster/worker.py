@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -30,11 +31,9 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.messages import WorkerError, WorkerInfo, WorkerStats
 from cluster.metrics import WorkerMetrics
+from common.stage import Stage
 from decode.jobs import DecodeJob, TokenBatch
-from decode.mixed import MixedStage
-from decode.stage import DecodeStage
 from prefill.jobs import PrefillJob, PrefillResult
-from prefill.stage import PrefillStage
 from scheduler.state import DecodeInstanceState, PrefillInstanceState, Role
 
 log = logging.getLogger(__name__)
@@ -75,9 +74,8 @@ class RankWorker:
         self._is_draining = False
         self._is_reporting = False
         self._receiver = None
-        self._owners: dict[str, DecodeStage] = {}  # request -> the stage that streams it
+        self._owners: dict[str, Stage] = {}  # request -> the decode stage that streams it
         self._metrics = WorkerMetrics(instance_id)
-        self._transfer_bytes_per_token = _wire_bytes_per_token(self.engine, config.wire_format)
         self._role = Role(role)
         self._stage = self._make_stage(self._role)
         self._loop_stop = threading.Event()
@@ -88,8 +86,6 @@ class RankWorker:
     # ---- lifecycle (pool manager) -----------------------------------------------------------
     def ready(self) -> WorkerInfo:
         """Answers once the engine is loaded; what and where this rank is."""
-        from kvtransfer import model_fingerprint
-
         cache = self.engine.cache
         return WorkerInfo(
             instance_id=self.instance_id,
@@ -98,7 +94,7 @@ class RankWorker:
             node_id=self._node_id,
             pid=os.getpid(),
             kv_address=self._receiver.address if self._receiver is not None else None,
-            fingerprint=model_fingerprint(self.engine.config, cache.fmt),
+            fingerprint=self.engine.fingerprint,
             num_total_pages=cache.allocator.num_pages,
             page_size=cache.allocator.page_size,
             max_model_len=self.engine.config.max_model_len,
@@ -165,7 +161,7 @@ class RankWorker:
     def prefill(self, job: PrefillJob) -> PrefillResult:
         """Chunked prefill of ``job`` with its KV streamed to ``job.kv_address``; waits for it."""
         with self._lock:
-            stage, refusal = self._stage, self._refusal(PrefillStage)
+            stage, refusal = self._stage, self._refusal(Role.PREFILL)
             if refusal is None:
                 future = stage.submit(job)
         if refusal is not None:
@@ -176,11 +172,9 @@ class RankWorker:
     def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> str | WorkerError:
         """Reserve KV pages for an incoming transfer; the receiver's address."""
         with self._lock:
-            stage, refusal = self._stage, self._refusal(DecodeStage)
+            stage, refusal = self._stage, self._refusal(Role.DECODE)
         if refusal is not None:
             return refusal
-        if isinstance(stage, MixedStage):
-            return WorkerError(f"{self.instance_id} is mixed: it takes no KV transfers")
         try:
             return stage.reserve(request_id, num_tokens, lease_s)
         except Exception as e:  # out of pages, duplicate id: the scheduler's books were stale
@@ -189,7 +183,7 @@ class RankWorker:
     def start(self, job: DecodeJob) -> WorkerError | None:
         """Start decoding ``job`` (``first_token_id=None``: prefill it here first)."""
         with self._lock:
-            stage, refusal = self._stage, self._refusal(DecodeStage)
+            stage, refusal = self._stage, self._refusal(Role.DECODE, Role.MIXED)
             if refusal is None:
                 self._owners[job.request_id] = stage
         if refusal is not None:
@@ -228,60 +222,36 @@ class RankWorker:
     def stats(self) -> WorkerStats:
         with self._lock:
             role, stage, is_draining = self._role, self._stage, self._is_draining
-        allocator = self.engine.cache.allocator
-        common = {
-            "instance_id": self.instance_id,
-            "role": role.value,
-            "is_draining": is_draining,
-            "num_total_pages": allocator.num_pages,
-        }
-        s = stage.stats()
-        if isinstance(stage, PrefillStage):
-            return WorkerStats(
-                **common,
-                num_free_pages=s.num_free_pages,
-                num_used_pages=s.num_used_pages,
-                num_queued=s.num_queued + s.num_sending,
-                num_queued_tokens=s.num_queued_tokens,
-                num_cached_blocks=s.num_cached_blocks,
-                num_prompt_tokens=s.num_prompt_tokens,
-                num_cached_tokens=s.num_cached_tokens,
-                prefill_tokens_per_s=s.tokens_per_s or None,
-                num_transfer_bytes=s.num_prompt_tokens * self._transfer_bytes_per_token,
-                cached_block_hashes=s.cached_block_hashes,
-            )
         return WorkerStats(
-            **common,
-            num_free_pages=s.num_free_pages,
-            num_used_pages=s.num_used_pages,
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            num_queued_tokens=s.num_queued_prefill_tokens,
-            num_reserved_unfilled_pages=s.num_reserved_unfilled_pages,
-            num_cached_blocks=len(s.cached_block_hashes),
-            num_prompt_tokens=s.num_prefill_tokens,
-            num_cached_tokens=s.num_cached_tokens,
-            num_generated_tokens=s.num_generated_tokens,
-            num_steps=s.num_steps,
-            prefill_tokens_per_s=s.prefill_tokens_per_s,
-            decode_step_s=s.decode_step_s,
-            cached_block_hashes=s.cached_block_hashes,
+            instance_id=self.instance_id,
+            role=role.value,
+            is_draining=is_draining,
+            num_total_pages=self.engine.cache.allocator.num_pages,
+            **asdict(stage.state()),
         )
 
     # ---- internals --------------------------------------------------------------------------
-    def _make_stage(self, role: Role) -> PrefillStage | DecodeStage:
+    def _make_stage(self, role: Role) -> Stage:
+        """The stage of ``role`` around this rank's engine (imported here: the stage modules
+        bring torch, which the pool manager, importing this module for the actor class, does
+        not need)."""
         cfg = self.config
         if role is Role.PREFILL:
+            from prefill.stage import PrefillStage
+
             return PrefillStage(self.engine, cfg.prefill_stage, cfg.transfer)
         if role is Role.MIXED:
-            return MixedStage(self.engine, cfg.mixed_stage)
-        if self._receiver is None:
-            from kvtransfer import KVReceiver, accepted_fingerprints, model_fingerprint
+            from decode.mixed import MixedStage
 
-            cache = self.engine.cache
+            return MixedStage(self.engine, cfg.mixed_stage)
+        from decode.stage import DecodeStage
+
+        if self._receiver is None:
+            from kvtransfer import KVReceiver, accepted_fingerprints
+
             self._receiver = KVReceiver(
-                cache,
-                model_fingerprint(self.engine.config, cache.fmt),
+                self.engine.cache,
+                self.engine.fingerprint,
                 host=self._node_ip,
                 config=cfg.transfer,
                 wire_fingerprints=accepted_fingerprints(self.engine.config, [cfg.wire_format]),
@@ -291,20 +261,16 @@ class RankWorker:
     def _stage_config(self):
         return self.config.mixed_stage if self._role is Role.MIXED else self.config.decode_stage
 
-    def _refusal(self, kind: type) -> WorkerError | None:
-        """Why this worker cannot take new work of ``kind`` now (caller holds _lock)."""
+    def _refusal(self, *roles: Role) -> WorkerError | None:
+        """Why this worker cannot take new work meant for ``roles`` now (caller holds _lock)."""
         if self._is_draining:
             return WorkerError(f"{self.instance_id} is draining (changing role); route elsewhere")
-        if not isinstance(self._stage, kind):
+        if self._role not in roles:
             return WorkerError(f"{self.instance_id} is a {self._role.value} instance now")
         return None
 
     def _is_idle(self) -> bool:
-        stage = self._stage
-        s = stage.stats()
-        if isinstance(stage, PrefillStage):
-            return s.num_queued == 0 and s.num_sending == 0
-        return s.num_running == 0 and s.num_waiting == 0 and s.num_transferring == 0
+        return self._stage.is_idle()
 
     def _start_loop(self) -> threading.Thread:
         self._loop_stop = threading.Event()
@@ -320,7 +286,7 @@ class RankWorker:
         if self._loop_thread.is_alive():
             self._loop_thread.join()
 
-    def _step_forever(self, stage: PrefillStage | DecodeStage, stop: threading.Event) -> None:
+    def _step_forever(self, stage: Stage, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 did_work = stage.step()
@@ -365,15 +331,6 @@ class RankWorker:
                     prefill_tokens_per_s=stats.prefill_tokens_per_s,
                 )
             )
-
-
-def _wire_bytes_per_token(engine: Any, wire_format: str) -> int:
-    from model.kv_cache import bytes_per_token
-
-    cfg = engine.config
-    return bytes_per_token(wire_format, cfg.kv_lora_rank, cfg.qk_rope_head_dim) * (
-        cfg.num_hidden_layers
-    )
 
 
 def make_rank_worker(

@@ -30,6 +30,7 @@ import torch
 
 from common.meter import MeanMeter
 from common.prefix_cache import PrefixCache
+from common.stage import StageState
 from decode.batch import DecodeSeq, SeqState, select_batch, stop_ids_for
 from decode.jobs import DecodeConfig, DecodeJob, DecodeStats, TokenBatch
 from decode.local_prefill import LocalPrefill
@@ -200,6 +201,31 @@ class DecodeStage:
             num_prefill_tokens=self._local.num_prefill_tokens,
             num_cached_tokens=self._local.num_cached_tokens,
         )
+
+    def state(self) -> StageState:
+        """``stats()`` in the cluster's vocabulary (the ``Stage`` protocol)."""
+        s = self.stats()
+        return StageState(
+            num_free_pages=s.num_free_pages,
+            num_used_pages=s.num_used_pages,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_queued_tokens=s.num_queued_prefill_tokens,
+            num_cached_blocks=len(s.cached_block_hashes),
+            num_prompt_tokens=s.num_prefill_tokens,
+            num_cached_tokens=s.num_cached_tokens,
+            num_generated_tokens=s.num_generated_tokens,
+            num_steps=s.num_steps,
+            prefill_tokens_per_s=s.prefill_tokens_per_s,
+            decode_step_s=s.decode_step_s,
+            num_reserved_unfilled_pages=s.num_reserved_unfilled_pages,
+            cached_block_hashes=s.cached_block_hashes,
+        )
+
+    def is_idle(self) -> bool:
+        """No sequence running, waiting, or with KV still arriving."""
+        s = self.stats()
+        return s.num_running == 0 and s.num_waiting == 0 and s.num_transferring == 0
 
     def close(self) -> None:
         """Cancel every request and reservation and drop the prefix cache (shutdown, role

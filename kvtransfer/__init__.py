@@ -32,15 +32,36 @@ FP8 on the wire from a bf16 cache: ``open(..., wire_fmt="fp8")``; the receiver m
 cache format. Deadlines and sizes: ``TransferConfig``.
 """
 
-from kvtransfer.codec import KVLayout, convert_records
-from kvtransfer.config import TransferConfig
-from kvtransfer.errors import Status, TransferError
-from kvtransfer.inbound import Reservation, TransferResult
-from kvtransfer.outbound import KVOutbox, OutboundKV
-from kvtransfer.paging import export_records, import_records
-from kvtransfer.receiver import KVReceiver
-from kvtransfer.sender import KVSender, SendResult
-from model.fingerprint import accepted_fingerprints, model_fingerprint
+import importlib
+from typing import Any
+
+# Imported lazily, name by name: ``kvtransfer.config`` (and so the cluster's config, which the
+# torch-free ingress reads) must not pull torch in through this package.
+_HOMES = {
+    "KVLayout": "kvtransfer.codec",
+    "KVOutbox": "kvtransfer.outbound",
+    "KVReceiver": "kvtransfer.receiver",
+    "KVSender": "kvtransfer.sender",
+    "OutboundKV": "kvtransfer.outbound",
+    "Reservation": "kvtransfer.inbound",
+    "SendResult": "kvtransfer.sender",
+    "Status": "kvtransfer.errors",
+    "TransferConfig": "kvtransfer.config",
+    "TransferError": "kvtransfer.errors",
+    "TransferResult": "kvtransfer.inbound",
+    "accepted_fingerprints": "model.fingerprint",
+    "convert_records": "kvtransfer.codec",
+    "export_records": "kvtransfer.paging",
+    "import_records": "kvtransfer.paging",
+    "model_fingerprint": "model.fingerprint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'kvtransfer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)
+
 
 __all__ = [
     "KVLayout",

@@ -27,6 +27,7 @@ import torch
 
 from common.meter import RateMeter
 from common.prefix_cache import PrefixCache, allocate_sequence
+from common.stage import StageState
 from kvtransfer import KVOutbox, OutboundKV, TransferConfig, TransferError
 from model.sampling import sample_token
 from prefill.jobs import PrefillConfig, PrefillJob, PrefillResult, PrefillStats
@@ -85,6 +86,7 @@ class PrefillStage:
         self._num_cached_tokens = 0
         self._num_completed = 0
         self._num_failed = 0
+        self._num_sent_bytes = 0  # KV bytes receivers confirmed
 
     # ---- API (any thread) -------------------------------------------------------------------
     def submit(self, job: PrefillJob) -> Future[PrefillResult]:
@@ -152,6 +154,27 @@ class PrefillStage:
             num_failed=self._num_failed,
             tokens_per_s=self._throughput.rate,
         )
+
+    def state(self) -> StageState:
+        """``stats()`` in the cluster's vocabulary (the ``Stage`` protocol)."""
+        s = self.stats()
+        return StageState(
+            num_free_pages=s.num_free_pages,
+            num_used_pages=s.num_used_pages,
+            num_queued=s.num_queued + s.num_sending,
+            num_queued_tokens=s.num_queued_tokens,
+            num_cached_blocks=s.num_cached_blocks,
+            num_prompt_tokens=s.num_prompt_tokens,
+            num_cached_tokens=s.num_cached_tokens,
+            prefill_tokens_per_s=s.tokens_per_s or None,
+            num_transfer_bytes=self._num_sent_bytes,
+            cached_block_hashes=s.cached_block_hashes,
+        )
+
+    def is_idle(self) -> bool:
+        """No job queued, computing, or draining its transfer."""
+        with self._lock:
+            return not self._tasks
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block until a job is queued (or ``timeout_s`` passes); for the loop thread after
@@ -298,7 +321,9 @@ class PrefillStage:
         sink = task.sink
         try:
             if sink is not None:
-                sink.close()  # raises if the transfer failed (or was aborted by a cancel)
+                sent = sink.close()  # raises if the transfer failed (or was aborted by a cancel)
+                with self._lock:
+                    self._num_sent_bytes += sent.wire_bytes
             error = None
         except Exception as e:
             error = f"KV transfer to {task.job.kv_address} failed: {e}"
