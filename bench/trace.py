@@ -5,7 +5,7 @@ A trace row holds ``timestamp`` (ms since the trace start), ``input_length``,
 rows mean the two prompts share that block and every block before it). ``build_requests``
 turns rows into prompts of token ids that keep this sharing: hash id ``h`` always expands to
 the same block of ``block_tokens`` ids drawn from a generator seeded by ``h``. Pure Python
-(no torch, no Ray), so tests and the simulator may use it too.
+(no torch, no Ray), so tests may use it too.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
-    from model.checkpoint import PRESETS
+    from model.presets import PRESETS
 
     p = sub.add_parser(
         "make-model",

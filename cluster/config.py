@@ -7,7 +7,7 @@ cluster (pool manager, workers, ingress) reads only these frozen objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from decode.jobs import DecodeConfig
 from kvtransfer.config import TransferConfig
@@ -106,10 +106,3 @@ class ClusterConfig:
 
     def pool(self, role: str) -> PoolConfig:
         return self.pools.get(role, PoolConfig())
-
-    def with_pools(self, **sizes: int) -> ClusterConfig:
-        """A copy with other instance counts (resources kept)."""
-        pools = dict(self.pools)
-        for role, n in sizes.items():
-            pools[role] = replace(self.pool(role), num_instances=n)
-        return replace(self, pools=pools)

@@ -149,7 +149,6 @@ class Flow:
         self.scheduler = scheduler
         self.directory = directory
         self.on_reroute = on_reroute  # called with "prefill" or "decode" (metrics)
-        self.num_reroutes = 0
         self.is_broken = False  # the scheduler is gone: the ingress builds a new Flow
         self._cleanup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-cleanup")
 
@@ -210,7 +209,6 @@ class Flow:
             except _Retry as e:
                 run.abandon(self.scheduler, self.detached)
                 last_error = e.message
-                self.num_reroutes += 1
                 is_prefill = (
                     e.instance_id is not None and e.instance_id != decision.decode_instance_id
                 )

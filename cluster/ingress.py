@@ -247,7 +247,7 @@ class Ingress:
                     "object": "model",
                     "created": 0,
                     "owned_by": "tidal",
-                    "root": self.config.engine.model_dir,
+                    "root": self.config.model_name,  # never the server's filesystem path
                     "max_model_len": self.max_model_len,
                 }
             ],

@@ -12,7 +12,7 @@ a rank can hold is ``min(kv_tokens, max_position_embeddings)``.
 
 Sizes are in decimal GB (10^9 bytes). The parameter count is what tidal loads
 (``model.weights.expected_shapes``): a DeepSeek-V3 checkpoint's MTP layer is not counted.
-Plain Python (no torch, no Ray) so the CLI, the settings check and the simulator share it.
+Plain Python (no torch, no Ray) so the CLI and the settings check share it.
 """
 
 from __future__ import annotations

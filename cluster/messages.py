@@ -13,14 +13,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class WorkerError:
-    """A worker refused or failed a call (errors are values across the actor boundary).
-
-    ``is_retryable``: the request can go to another instance (draining, out of pages, wrong
-    role after a move); otherwise the request itself is at fault.
-    """
+    """A worker refused or failed a call (errors are values across the actor boundary); the
+    ingress sends the request to another instance (draining, out of pages, wrong role after a
+    move) until it runs out of attempts."""
 
     message: str
-    is_retryable: bool = True
 
 
 @dataclass(frozen=True)

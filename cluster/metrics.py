@@ -28,9 +28,6 @@ class IngressMetrics:
         self.ttft = Histogram("tidal_ttft_seconds", "time to first token", _LATENCY_S, tags)
         self.itl = Histogram("tidal_itl_seconds", "inter-token latency", _ITL_S, tags)
         self.e2e = Histogram("tidal_e2e_seconds", "request latency, end to end", _LATENCY_S, tags)
-        self.route_wait = Histogram(
-            "tidal_route_wait_seconds", "time in the scheduler (queue wait)", _LATENCY_S, tags
-        )
         self.requests = Counter(
             "tidal_requests_total", "finished requests by outcome", ("model", "outcome")
         )

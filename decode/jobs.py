@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 from common.sampling import SamplingParams
 
-FINISH_REASONS = ("stop", "length", "abort")
-
 
 @dataclass(frozen=True)
 class DecodeJob:

@@ -47,10 +47,6 @@ class PrefillResult:
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
 
-    @property
-    def is_ok(self) -> bool:
-        return self.error is None
-
 
 @dataclass(frozen=True)
 class PrefillConfig:

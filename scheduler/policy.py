@@ -1,6 +1,6 @@
 """The routing and admission core: which prefill and decode instance serve a request, and
 whether it is admitted at all. Plain Python (no torch, no Ray): the Ray actor (``actor.py``)
-and the simulator wrap the same ``Scheduler``.
+and the tests drive the same ``Scheduler`` (as a simulator will).
 
 One request's life in the scheduler's books:
 1. ``route(spec)`` -> ``RouteDecision`` (decode pages reserved, prefill tokens queued),
@@ -61,7 +61,7 @@ class _Option:
 class Scheduler:
     """Routes requests across prefill, decode and mixed instances; never leaks a reservation.
 
-    ``clock`` returns seconds (monotonic); tests and the simulator pass their own. Not
+    ``clock`` returns seconds (monotonic); tests pass their own. Not
     thread-safe: one caller at a time (the Ray actor runs every call on one event loop).
     """
 

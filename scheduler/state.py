@@ -2,7 +2,7 @@
 
 Workers report snapshots (``PrefillInstanceState``, ``DecodeInstanceState``); the ingress sends a
 ``RequestSpec`` and gets a ``RouteDecision`` or a ``Rejection`` back. All are frozen dataclasses
-of plain Python values, so they cross the Ray actor boundary and feed the simulator unchanged.
+of plain Python values, so they cross the Ray actor boundary unchanged.
 """
 
 from __future__ import annotations

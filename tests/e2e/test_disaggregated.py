@@ -10,6 +10,7 @@ import json
 import httpx
 import pytest
 
+from common.sampling import SamplingParams
 from tests.e2e.conftest import (
     MODEL_NAME,
     completion_ids,
@@ -43,6 +44,7 @@ def test_models_and_health(url):
     models = httpx.get(f"{url}/v1/models").json()
     assert models["data"][0]["id"] == MODEL_NAME
     assert models["data"][0]["max_model_len"] == 8192
+    assert "/" not in json.dumps(models["data"][0]["root"])  # no server path published
     health = httpx.get(f"{url}/health").json()
     assert health["is_ready"] and health["serving"] == {"prefill": 1, "decode": 1, "mixed": 0}
 
@@ -110,12 +112,21 @@ def test_shared_prefix_reuses_cached_blocks(url, client, reference_engine):
     assert pools(url)["scheduler"]["num_prefix_hit_tokens"] >= 640
 
 
-def test_seed_and_stop(client):
+def test_seed_and_stop(client, reference_engine):
     prompt = make_prompt(12, seed=7)
     kw = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0.9, "seed": 5}
     a = client.completions.create(**kw, extra_body={"return_token_ids": True, "ignore_eos": True})
     b = client.completions.create(**kw, extra_body={"return_token_ids": True, "ignore_eos": True})
     assert a.choices[0].model_extra["token_ids"] == b.choices[0].model_extra["token_ids"]
+    # one seeding scheme: the offline engine draws the same tokens for the same seed, for a
+    # decode-local prompt and for one whose first token is sampled on the prefill instance
+    sampling = SamplingParams(temperature=0.9, seed=5)
+    for p in (prompt, make_prompt(40, seed=8)):
+        served = client.completions.create(
+            **{**kw, "prompt": p}, extra_body={"return_token_ids": True, "ignore_eos": True}
+        )
+        offline = reference_engine.generate([p], 12, sampling)[0]
+        assert served.choices[0].model_extra["token_ids"] == offline, f"{len(p)}-token prompt"
     full = completion_ids(client, prompt, 12).choices[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = completion_ids(client, prompt, 12, stop=[stop]).choices[0]

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model.checkpoint import PRESETS, init_tensor, make_model, preset_config
+from model.checkpoint import init_tensor, make_model
 from model.config import ModelConfig
 from model.kv_cache import bytes_per_token
+from model.presets import PRESETS, preset_config
 from model.tokenizer import Tokenizer
 from model.weights import SCALE_SUFFIX, expected_shapes, is_fp8_linear, load_state_dict
 

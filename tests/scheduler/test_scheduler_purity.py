@@ -1,4 +1,4 @@
-"""The policy core stays plain Python so the simulator can reuse it: no torch, no Ray."""
+"""The policy core stays plain Python so a simulator can reuse it: no torch, no Ray."""
 
 import json
 import subprocess
