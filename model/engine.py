@@ -16,6 +16,7 @@ import torch
 from model.config import ModelConfig
 from model.fingerprint import model_fingerprint
 from model.kv_cache import KVFormat, PagedLatentCache, resolve_kv_format
+from model.parallel import ExpertParallel
 from model.sampling import SamplingParams, sample_token
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
@@ -37,6 +38,7 @@ class Engine:
         dtype: torch.dtype,
         device: torch.device,
         chunk_size: int,
+        ep: ExpertParallel | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -47,6 +49,7 @@ class Engine:
         self.dtype = dtype
         self.device = device
         self.chunk_size = chunk_size
+        self.ep = ep
         self._offline_ids = itertools.count()
 
     @classmethod
@@ -62,6 +65,7 @@ class Engine:
         expert_ids: list[int] | None = None,
         max_num_tokens: int | None = None,
         weight_format: WeightFormat | str = "auto",
+        ep: ExpertParallel | None = None,
     ) -> Engine:
         """Read ``config.json``, the tokenizer and the weights of a model directory.
 
@@ -70,10 +74,16 @@ class Engine:
         ``max_num_tokens`` tokens (default min(32K, max_position_embeddings)). ``weight_format``
         "auto" keeps a block-FP8 checkpoint's linears FP8 in memory (FP8 GEMM), "fp8" requires
         that, "dequantize" widens them to ``dtype``; other checkpoints load in ``dtype``.
+        With ``ep`` (a joined expert-parallel group) this rank loads and runs its block of the
+        routed experts, and every forward is a lockstep tick (see ``idle_tick``).
         """
         path = Path(path)
         device = torch.device(device)
         config = ModelConfig.from_json(path / "config.json")
+        if ep is not None:
+            if expert_ids is not None:
+                raise ValueError("pass expert_ids or ep, not both: ep decides the rank's experts")
+            expert_ids = ep.local_experts
         state = load_weights(
             path,
             config,
@@ -82,7 +92,7 @@ class Engine:
             device=device,
             expert_ids=expert_ids,
         )
-        model = Transformer(config, state, device, expert_ids)
+        model = Transformer(config, state, device, expert_ids, ep)
         if num_pages is None:
             tokens = max_num_tokens or min(DEFAULT_MAX_NUM_TOKENS, config.max_position_embeddings)
             num_pages = -(-tokens // page_size)
@@ -97,7 +107,14 @@ class Engine:
         )
         tokenizer = Tokenizer.load(path)
         return cls(
-            config, model, cache, tokenizer, dtype=dtype, device=device, chunk_size=chunk_size
+            config,
+            model,
+            cache,
+            tokenizer,
+            dtype=dtype,
+            device=device,
+            chunk_size=chunk_size,
+            ep=ep,
         )
 
     @property
@@ -149,13 +166,19 @@ class Engine:
                 f"tokens but prefill reaches position {end}; allocate or append pages first"
             )
         outs = []
+        # single rank: an on_layer exception stops the forward at once; expert-parallel ranks
+        # finish the chunk's collectives first
+        calls = _LayerCalls(on_layer) if on_layer is not None and self.ep is not None else None
         for lo in range(0, n, self.chunk_size):
             hi = min(lo + self.chunk_size, n)
+            self._tick()
             outs.append(
                 self.model.prefill(
-                    ids[lo:hi], self.cache, seq_id, start_pos + lo, on_layer, all_logits
+                    ids[lo:hi], self.cache, seq_id, start_pos + lo, calls or on_layer, all_logits
                 )
             )
+            if calls is not None and calls.error is not None:
+                raise calls.error  # after the chunk: its collectives all ran
         return torch.cat(outs) if all_logits else outs[-1][0]
 
     @torch.inference_mode()
@@ -194,6 +217,7 @@ class Engine:
         page = block_tables.gather(1, (pos // s).unsqueeze(1)).squeeze(1).long()
         slots = page * s + pos % s  # [B]
         dev = self.device
+        self._tick()
         return self.model.decode(
             ids,
             pos.to(dev),
@@ -202,6 +226,23 @@ class Engine:
             block_tables.to(dev),
             (pos + 1).to(torch.int32).to(dev),
         )
+
+    # ---- expert parallelism -------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Expert-parallel ranks: open the lockstep tick of the forward about to run."""
+        if self.ep is not None:
+            self.ep.tick(has_work=True)
+
+    def idle_tick(self) -> bool:
+        """For an expert-parallel rank's loop when it has no forward to run: join the current
+        tick, and if another rank runs a forward in it, run the empty one. True if it did (call
+        again at once: the busy rank may be mid-prefill); False when every rank is idle (or
+        there is no expert parallelism)."""
+        if self.ep is None or not self.ep.tick(has_work=False):
+            return False
+        with torch.inference_mode():
+            self.model.empty_forward(self.dtype)
+        return True
 
     # ---- offline API ----------------------------------------------------------------------------
     def prefill_logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -256,3 +297,21 @@ class Engine:
             for sid in seq_ids:
                 alloc.free(sid)
         return outputs
+
+
+class _LayerCalls:
+    """``on_layer`` for an expert-parallel forward: the first exception it raises (a cancel, a
+    failed transfer) is kept and later calls are skipped, so the forward still runs every
+    layer's collectives; ``Engine.prefill`` raises it after the chunk."""
+
+    def __init__(self, on_layer: Callable[[int, int, int], None]) -> None:
+        self._on_layer = on_layer
+        self.error: BaseException | None = None
+
+    def __call__(self, layer: int, start: int, end: int) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._on_layer(layer, start, end)
+        except Exception as e:
+            self.error = e

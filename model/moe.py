@@ -7,10 +7,12 @@ are the *unbiased* scores of the chosen experts, normalised to sum 1 if ``norm_t
 times ``routed_scaling_factor``. The shared experts see every token.
 
 Execution sorts the (token, expert) assignments by expert and runs each local expert once on
-all its tokens, with the expert weights stacked into ``[E_local, ...]`` tensors. A rank may hold
-only a subset of the routed experts (``expert_ids``, for expert parallelism): assignments to
-other experts are left out here (their contribution is combined across ranks elsewhere).
-``counts`` accumulates how many tokens every (global) expert was chosen for, for EPLB.
+all its tokens, with the expert weights stacked into ``[E_local, ...]`` tensors. With expert
+parallelism (``ep``, model/parallel.py) a rank holds a block of the routed experts: each
+assignment travels to the rank owning its expert (``dispatch``), is computed there, and comes
+back (``combine``) to be weighted and summed on the token's own rank. Without ``ep`` a subset
+(``expert_ids``) leaves other experts' assignments out. ``counts`` accumulates how many of this
+rank's tokens every (global) expert was chosen for, for EPLB.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.layers import MLP, linear
+from model.parallel import ExpertParallel
 from model.weights import Weight, cat_weights, stack_weights
 
 
@@ -66,8 +69,12 @@ class MoE:
         state: dict[str, Weight],
         prefix: str,
         expert_ids: list[int] | None = None,
+        ep: ExpertParallel | None = None,
     ) -> None:
         n = config.n_routed_experts
+        if ep is not None:
+            expert_ids = ep.local_experts
+        self.ep = ep
         self.expert_ids = list(range(n)) if expert_ids is None else sorted(expert_ids)
         self.router = Router(
             config, state[f"{prefix}.gate.weight"], state[f"{prefix}.gate.e_score_correction_bias"]
@@ -101,24 +108,53 @@ class MoE:
         if len(self.expert_ids) != self.slot_of.numel():  # drop other ranks' experts
             local = slots >= 0
             slots, token, w = slots[local], token[local], w[local]
+        ys = self._experts(x.index_select(0, token), slots)  # [A, H]
+        ys.mul_(w.to(ys.dtype).unsqueeze(-1))
+        out = torch.zeros_like(x)
+        out.index_add_(0, token, ys)
+        return out
+
+    def dispatched(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The expert-parallel ``routed``: every rank calls it once per MoE layer per tick, with
+        its own tokens (possibly none); x [T, H] -> [T, H]."""
+        assert self.ep is not None
+        t, k = ids.shape
+        expert = ids.reshape(-1)  # [T*k] global expert ids
+        token = torch.arange(t, device=x.device).repeat_interleave(k)  # [T*k]
+        w = weights.reshape(-1)
+        dest = self.ep.owner(expert)
+        order = torch.argsort(dest, stable=True)  # rows grouped by the rank they go to
+        expert, token, w, dest = expert[order], token[order], w[order], dest[order]
+        send_counts = torch.bincount(dest, minlength=self.ep.num_ranks)  # [R]
+        rows, recv_expert, recv_counts = self.ep.dispatch(
+            x.index_select(0, token), expert, send_counts
+        )
+        results = self._experts(rows, self.slot_of[recv_expert])  # [A', H]
+        ys = self.ep.combine(results, recv_counts, send_counts)  # [T*k, H] in `order`
+        ys.mul_(w.to(ys.dtype).unsqueeze(-1))
+        out = torch.zeros_like(x)
+        out.index_add_(0, token, ys)
+        return out
+
+    def _experts(self, xs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Row i of xs [A, H] through local expert slots[i] [A] -> [A, H] (grouped by expert:
+        each expert's weights are read once)."""
         order = torch.argsort(slots, stable=True)
-        slots, token, w = slots[order], token[order], w[order]
         per_expert = torch.bincount(slots, minlength=len(self.expert_ids)).tolist()
-        xs = x.index_select(0, token)  # [A, H] tokens grouped by expert
-        ys = torch.empty_like(xs)
+        grouped = xs.index_select(0, order)
+        ys = torch.empty_like(grouped)
         start = 0
         for slot, n in enumerate(per_expert):
             if n == 0:
                 continue
             end = start + n
-            gate_up = linear(xs[start:end], self.gate_up[slot])  # [n, 2I]
+            gate_up = linear(grouped[start:end], self.gate_up[slot])  # [n, 2I]
             gate, up = gate_up.split(self.inter, dim=-1)
             act = F.silu(gate).mul_(up)  # [n, I]
             ys[start:end] = linear(act, self.down[slot])  # [n, H]
             start = end
-        ys.mul_(w.to(ys.dtype).unsqueeze(-1))
-        out = torch.zeros_like(x)
-        out.index_add_(0, token, ys)
+        out = torch.empty_like(ys)
+        out[order] = ys
         return out
 
     def weights(self) -> Iterator[Weight]:
@@ -129,7 +165,8 @@ class MoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)
         self.counts += torch.bincount(ids.reshape(-1), minlength=self.counts.numel())
-        out = self.routed(x, weights, ids)
+        route = self.routed if self.ep is None else self.dispatched
+        out = route(x, weights, ids)
         if self.shared is not None:
             out = out + self.shared(x)
         return out

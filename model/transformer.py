@@ -17,6 +17,7 @@ from model.kv_cache import PagedLatentCache
 from model.layers import MLP, linear, rms_norm
 from model.mla import MLA
 from model.moe import MoE
+from model.parallel import ExpertParallel
 from model.rope import RotaryEmbedding
 from model.weights import Weight
 
@@ -31,6 +32,7 @@ class DecoderLayer:
         idx: int,
         rope: RotaryEmbedding,
         expert_ids: list[int] | None,
+        ep: ExpertParallel | None,
     ) -> None:
         p = f"model.layers.{idx}"
         self.eps = config.rms_norm_eps
@@ -38,7 +40,7 @@ class DecoderLayer:
         self.post_attn_norm = state[f"{p}.post_attention_layernorm.weight"]
         self.attn = MLA(config, state, f"{p}.self_attn", rope)
         self.ffn: MLP | MoE = (
-            MoE(config, state, f"{p}.mlp", expert_ids)
+            MoE(config, state, f"{p}.mlp", expert_ids, ep)
             if config.is_moe_layer(idx)
             else MLP.from_state(state, f"{p}.mlp")
         )
@@ -61,12 +63,13 @@ class Transformer:
         state: dict[str, Weight],
         device: torch.device | str = "cpu",
         expert_ids: list[int] | None = None,
+        ep: ExpertParallel | None = None,
     ) -> None:
         self.config = config
         self.rope = RotaryEmbedding(config, device)
         self.embed = state["model.embed_tokens.weight"]  # [V, H]
         self.layers = [
-            DecoderLayer(config, state, i, self.rope, expert_ids)
+            DecoderLayer(config, state, i, self.rope, expert_ids, ep)
             for i in range(config.num_hidden_layers)
         ]
         self.norm = state["model.norm.weight"]
@@ -82,6 +85,13 @@ class Transformer:
     @property
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
+
+    def empty_forward(self, dtype: torch.dtype) -> None:
+        """An expert-parallel rank's share of a tick it has no tokens for: every MoE layer's
+        collectives, in layer order, with zero tokens (attention and dense layers are local)."""
+        empty = torch.zeros(0, self.config.hidden_size, dtype=dtype, device=self.device)
+        for moe in self.moe_layers.values():
+            moe(empty)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; h [T, H] -> fp32 [T, V]."""
