@@ -45,7 +45,7 @@ from model.checkpoint import make_model  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.engine import Engine  # noqa: E402
 from model.kv_cache import bytes_per_token  # noqa: E402
-from model.moe import MoE  # noqa: E402
+from model.weights import resident_bytes  # noqa: E402
 
 CONTEXT = 1024
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -119,22 +119,20 @@ def prefill_flops(c: ModelConfig, t: int) -> float:
 
 
 def decode_bytes(engine: Engine, experts_hit: dict[int, int], kv_tokens: int) -> int:
-    """Bytes one decode step reads: the weights it uses (hit experts only) + the KV it attends."""
+    """Bytes one decode step reads: the weights it uses (hit experts only) + the KV it attends.
+
+    The weights as held (``engine.weight_bytes``: FP8 linears at 1 B/value + block scales) less
+    the embedding table (a step reads one row per token) and the routed experts, plus the bytes
+    of the experts the step routed to.
+    """
     c = engine.config
     m = engine.model
-    elt = m.embed.element_size()
-    total = m.lm_head.numel() * elt + m.norm.numel() * elt
-    for i, layer in enumerate(m.layers):
-        a = layer.attn
-        total += sum(t.numel() for t in (a.in_proj, a.q_b, a.w_uk, a.w_uv_t, a.o_proj)) * elt
-        ffn = layer.ffn
-        if isinstance(ffn, MoE):
-            per_expert = (ffn.gate_up[0].numel() + ffn.down[0].numel()) * elt
-            total += experts_hit[i] * per_expert + ffn.router.weight.numel() * 4
-            if ffn.shared is not None:
-                total += (ffn.shared.gate_up.numel() + ffn.shared.down.numel()) * elt
-        else:
-            total += (ffn.gate_up.numel() + ffn.down.numel()) * elt
+    routed = [w for moe in m.moe_layers.values() for w in (moe.gate_up, moe.down)]
+    total = engine.weight_bytes - resident_bytes([m.embed, *routed])
+    if m.embed is m.lm_head:  # tied: the LM head reads the whole table
+        total += resident_bytes([m.embed])
+    for i, moe in m.moe_layers.items():
+        total += experts_hit[i] * (moe.gate_up[0].nbytes + moe.down[0].nbytes)
     return total + kv_tokens * engine.cache.bytes_per_token * c.num_hidden_layers
 
 

@@ -22,8 +22,11 @@ from cluster.settings import ServeSettings
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Validate ``args`` (``ServeSettings`` keys) and build the application."""
-    return build_app_from_config(ServeSettings(**(args or {})).to_config())
+    """Validate ``args`` (``ServeSettings`` keys), run ``tidal plan``'s check on the layout
+    (``PlanError`` when it cannot fit) and build the application."""
+    settings = ServeSettings(**(args or {}))
+    settings.check_memory(settings.resolve_device())
+    return build_app_from_config(settings.to_config())
 
 
 def build_app_from_config(config: ClusterConfig, num_ingress_replicas: int = 1) -> Application:

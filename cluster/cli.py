@@ -46,6 +46,8 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from cluster import memory_plan as mp
+
     p = sub.add_parser(
         "serve",
         help="serve a model with an OpenAI-compatible HTTP API on Ray",
@@ -66,6 +68,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="latent KV cache format (default auto: the model dtype)",
     )
+    p.add_argument("--dtype", choices=tuple(mp.DTYPE_BYTES), help="model dtype (default float32)")
+    p.add_argument(
+        "--weight-format",
+        choices=mp.WEIGHT_FORMATS,
+        help="block-FP8 linears in memory (default auto: an FP8 checkpoint stays FP8)",
+    )
+    ep = p.add_argument_group("expert-parallel instances and the memory plan")
+    ep.add_argument("--prefill-ranks", type=int, help="ranks (GPUs) per prefill instance")
+    ep.add_argument("--decode-ranks", type=int, help="ranks (GPUs) per decode instance")
+    ep.add_argument("--colocated-ranks", type=int, help="ranks (GPUs) per mixed instance")
+    ep.add_argument("--ranks-per-node", type=int, help="GPUs per node (default 8)")
+    ep.add_argument(
+        "--gpu-mem-gb",
+        type=float,
+        help="GPU memory per rank for the plan check (default: measured on cuda, none on cpu)",
+    )
+    ep.add_argument("--reserve-gb", type=float, help="activations per rank (default 10%% of GPU)")
+    ep.add_argument(
+        "--redundant-experts", type=_positive_int, help="EPLB expert slots per rank (planned)"
+    )
     p.set_defaults(func=_serve, parser=p)
 
 
@@ -81,14 +103,22 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model directory or its config.json")
     p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU (H200: 141)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--ranks-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--prefill-ranks", type=int, help="ranks (GPUs) per prefill instance")
     p.add_argument("--decode-ranks", type=int, help="ranks (GPUs) per decode instance")
     p.add_argument("--colocated-ranks", type=int, help="ranks per mixed instance (instead of P/D)")
     p.add_argument(
-        "--weights",
+        "--weight-format",
         choices=mp.WEIGHT_FORMATS,
-        help="weights in memory (default: fp8 if the checkpoint is block-FP8, else bf16)",
+        default="auto",
+        help="block-FP8 linears in memory, as Engine.load (default auto: FP8 if the checkpoint "
+        "is block-FP8; dequantize: the model dtype)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(mp.DTYPE_BYTES),
+        default="bfloat16",
+        help="model dtype: embeddings, norms, kv_b and dequantised linears (default bfloat16)",
     )
     p.add_argument(
         "--kv-format", choices=mp.KV_FORMATS, default="bf16", help="KV cache format (default bf16)"
@@ -178,9 +208,14 @@ def _plan(args: argparse.Namespace) -> int:
     from cluster.memory_plan import Hardware, PlanOptions, load_config, plan_cluster
 
     config = load_config(args.model)
-    weights = args.weights or ("fp8" if config.is_fp8_checkpoint else "bf16")
-    options = PlanOptions(weights, args.kv_format, args.redundant_experts, args.require_context)
-    hardware = Hardware(args.gpu_mem_gb, args.gpus_per_node, args.reserve_gb)
+    options = PlanOptions(
+        weight_format=args.weight_format,
+        dtype=args.dtype,
+        kv_format=args.kv_format,
+        num_redundant_experts=args.redundant_experts,
+        require_context_len=args.require_context,
+    )
+    hardware = Hardware(args.gpu_mem_gb, args.ranks_per_node, args.reserve_gb)
     print(plan_cluster(config, _plan_layouts(args), hardware, options).table())
     return 0
 

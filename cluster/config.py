@@ -39,20 +39,29 @@ class RankResources:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One pool: how many instances, ranks per instance, and what each rank asks for."""
+    """One pool: how many instances, ranks per instance, and what each rank asks for.
+
+    An instance's ranks (one GPU each) are bundles packed node by node, ``ranks_per_node`` to a
+    node: an instance of R ranks spans ``num_nodes`` = ceil(R / ranks_per_node) nodes.
+    """
 
     num_instances: int = 0
-    num_ranks: int = 1  # ranks (GPUs) per instance; > 1 is expert-parallel (not yet run)
+    num_ranks: int = 1  # ranks (GPUs) per instance; > 1 is expert-parallel
     resources: RankResources = RankResources()
+    ranks_per_node: int = 8  # GPUs per node
 
     def __post_init__(self) -> None:
         if self.num_instances < 0:
             raise ValueError(f"a pool cannot have {self.num_instances} instances; use >= 0")
-        if self.num_ranks != 1:
-            raise ValueError(
-                f"num_ranks={self.num_ranks}: instances of several expert-parallel ranks are not "
-                "served yet; use num_ranks=1"
-            )
+        if self.num_ranks < 1:
+            raise ValueError(f"an instance cannot have {self.num_ranks} ranks; use >= 1")
+        if self.ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node={self.ranks_per_node}; a node holds >= 1 rank")
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes one instance spans."""
+        return -(-self.num_ranks // self.ranks_per_node)
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class EngineSpec:
     model_dir: str
     dtype: str = "float32"
     device: str = "cpu"  # "cuda" on GPU nodes; each rank sees its own GPU
+    weight_format: str = "auto"  # auto | fp8 | dequantize: block-FP8 linears kept FP8 or not
     kv_format: str = "auto"  # KV cache format of every worker; auto = the model dtype
     num_pages: int | None = None  # None: the engine sizes it
     page_size: int = 64

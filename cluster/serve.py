@@ -1,7 +1,8 @@
 """``tidal serve``: start (or join) Ray, deploy the application, serve until Ctrl-C.
 
 ``run_from_args(args)`` takes the CLI's namespace (model, preset, prefill, decode, colocated,
-address, host, port, kv_format) and any other ``ServeSettings`` key the namespace carries.
+their ranks, the memory-plan keys, address, host, port, kv_format) and any other
+``ServeSettings`` key the namespace carries. ``tidal plan``'s check runs first.
 """
 
 from __future__ import annotations
@@ -41,13 +42,20 @@ def start(
     port: int = 8000,
     ready_timeout_s: float = 600.0,
 ) -> str:
-    """Deploy on Ray (``address=None``: a local Ray) and wait until /health says ready.
-    Returns the base URL."""
+    """Check the memory plan, deploy on Ray (``address=None``: a local Ray) and wait until
+    /health says ready. Returns the base URL. Rank counts that do not split the experts, and a
+    layout that cannot fit, raise ``PlanError`` before Ray is touched; only when neither
+    ``device`` nor ``gpu_mem_gb`` is set is the memory checked after connecting (the cluster's
+    GPUs decide the device), still before anything starts."""
     import ray
     from ray import serve
 
     from cluster.app import build_app_from_config
 
+    settings.check_pools(settings.checkpoint_config())  # rank counts, weight format
+    if settings.device is None and settings.gpu_mem_gb is None and not ray.is_initialized():
+        connect_ray(address)  # the check needs the device, which the cluster's GPUs decide
+    settings.check_memory(settings.resolve_device())
     if not ray.is_initialized():
         connect_ray(address)
     config = settings.to_config()  # generates the preset model if needed

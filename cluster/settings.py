@@ -2,22 +2,39 @@
 
 ``ServeSettings`` validates them (pydantic, unknown keys refused with the list of known ones)
 and ``to_config()`` turns them into the frozen ``ClusterConfig``, reading the model's
-config.json for ``max_model_len`` and the KV size. docs/configuration.md lists every key.
+config.json for ``max_model_len``, the KV size and the experts each pool's ranks split.
+``check_memory()`` runs ``tidal plan``'s check on the layout before anything starts.
+docs/configuration.md lists every key.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.config import ClusterConfig, EngineSpec, PoolConfig, RankResources
+from cluster.memory_plan import (
+    GB,
+    ClusterPlan,
+    PlanError,
+    check_layout,
+    held_weights,
+    plan_from_settings,
+    settings_layouts,
+)
 from decode.jobs import DecodeConfig
 from kvtransfer.config import TransferConfig
 from prefill.jobs import PrefillConfig
 from scheduler.config import SchedulerConfig
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 KVFormatName = Literal["bf16", "fp8", "fp32"]
 CacheFormatName = Literal["auto", "bf16", "fp8", "fp32"]
@@ -34,6 +51,11 @@ class ServeSettings(BaseModel):
     models_dir: str = Field(".models", description="where presets are generated")
     model_name: str | None = Field(None, description="name clients send; default: dir name")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    weight_format: Literal["auto", "fp8", "dequantize"] = Field(
+        "auto",
+        description="block-FP8 linears in memory: auto keeps an FP8 checkpoint FP8, fp8 insists "
+        "on one, dequantize widens them to dtype (Engine.load's weight_format)",
+    )
     device: Literal["cpu", "cuda"] | None = Field(None, description="None -> cuda if GPUs")
     kv_format: CacheFormatName = Field(
         "auto", description="KV cache format of every worker; auto = the model dtype"
@@ -47,11 +69,27 @@ class ServeSettings(BaseModel):
     prefill: int = Field(1, ge=0, description="prefill instances")
     decode: int = Field(1, ge=0, description="decode instances")
     colocated: int | None = Field(None, ge=1, description="mixed instances; replaces P/D pools")
+    prefill_ranks: int = Field(1, ge=1, description="ranks (GPUs) per prefill instance")
+    decode_ranks: int = Field(1, ge=1, description="ranks (GPUs) per decode instance")
+    colocated_ranks: int = Field(1, ge=1, description="ranks (GPUs) per mixed instance")
+    ranks_per_node: int = Field(
+        8, ge=1, description="GPUs per node: an instance of R ranks spans ceil(R / this) nodes"
+    )
     cpus_per_rank: float = Field(1.0, ge=0)
     gpus_per_rank: float | None = Field(None, ge=0, description="None -> 1 if GPUs, else 0")
     prefill_resources: dict[str, float] = Field({}, description="custom Ray resources per rank")
     decode_resources: dict[str, float] = {}
     mixed_resources: dict[str, float] = {}
+    # ---- the memory plan (tidal plan's check, run before serving)
+    gpu_mem_gb: float | None = Field(
+        None, gt=0, description="GPU memory per rank (GB); None: measured on cuda, no check on cpu"
+    )
+    reserve_gb: float | None = Field(
+        None, ge=0, description="activations/workspace per rank (GB); None: 10% of gpu_mem_gb"
+    )
+    redundant_experts: int = Field(
+        0, ge=0, description="extra EPLB expert slots per rank per MoE layer (planned only)"
+    )
     # ---- scheduling and stages
     ttft_slo_s: float = Field(2.0, gt=0)
     max_queue_len: int = Field(256, ge=0)
@@ -86,6 +124,31 @@ class ServeSettings(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ranks_name_a_pool(self) -> ServeSettings:
+        if self.colocated is not None:
+            unused = [k for k in ("prefill_ranks", "decode_ranks") if getattr(self, k) != 1]
+            if unused:
+                raise ValueError(
+                    f"{' and '.join(unused)} size prefill/decode instances, but colocated runs "
+                    "mixed ones: use colocated_ranks, or drop colocated"
+                )
+        elif self.colocated_ranks != 1:
+            raise ValueError(
+                "colocated_ranks sizes mixed instances, which run only with colocated N: "
+                "set colocated, or use prefill_ranks / decode_ranks"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _reserve_below_gpu(self) -> ServeSettings:
+        if None not in (self.gpu_mem_gb, self.reserve_gb) and self.reserve_gb >= self.gpu_mem_gb:
+            raise ValueError(
+                f"reserve_gb {self.reserve_gb:g} leaves nothing of gpu_mem_gb "
+                f"{self.gpu_mem_gb:g}: use a reserve below the GPU memory"
+            )
+        return self
+
     def model_dir(self) -> Path:
         """The checkpoint directory, generating the preset first when it is missing."""
         if self.model is not None:
@@ -98,20 +161,65 @@ class ServeSettings(BaseModel):
             return path.resolve()
         return ensure_preset(self.preset, Path(self.models_dir))
 
+    def checkpoint_config(self) -> ModelConfig:
+        """The model's config.json (a preset's without generating it)."""
+        from model.config import ModelConfig
+
+        if self.model is not None:
+            return ModelConfig.from_json(self.model_dir() / "config.json")
+        from model.presets import preset_config
+
+        return ModelConfig.from_dict(preset_config(self.preset), source=f"preset {self.preset}")
+
+    def resolve_device(self) -> str:
+        """``device``, or cuda when the (initialised) Ray cluster has GPUs, else cpu."""
+        return self.device or ("cuda" if _cluster_has_gpus() else "cpu")
+
+    def check_pools(self, mc: ModelConfig) -> None:
+        """``PlanError`` unless every pool's ranks split the routed experts evenly and the
+        weight format suits the checkpoint."""
+        held_weights(mc, self.weight_format, self.dtype)
+        for layout in settings_layouts(self):
+            check_layout(mc, layout)
+
+    def check_memory(self, device: str) -> ClusterPlan | None:
+        """``tidal plan``'s check of this deployment on ``device``, before anything starts.
+
+        Raises ``PlanError`` (a ``ValueError``) with the plan's message when a pool's ranks do
+        not split the experts or a layout cannot fit. Without ``gpu_mem_gb``: on cpu the check is skipped (None, logged); on cuda the
+        memory of this process's first GPU is used, and with no GPU here it is refused.
+        """
+        self.check_pools(self.checkpoint_config())
+        gpu_mem_gb = self.gpu_mem_gb
+        if gpu_mem_gb is None and device == "cpu":
+            log.info("memory plan skipped: device cpu and no gpu_mem_gb to plan GPUs with")
+            return None
+        if gpu_mem_gb is None:
+            gpu_mem_gb = _local_gpu_mem_gb()
+            if gpu_mem_gb is None:
+                raise PlanError(
+                    "device cuda, but gpu_mem_gb is not set and this process sees no GPU to "
+                    "measure: set gpu_mem_gb (GB per GPU, e.g. 141 for an H200) so the layout "
+                    "can be checked before serving"
+                )
+        plan = plan_from_settings(self, self.checkpoint_config(), gpu_mem_gb)
+        log.info("memory plan (per rank):\n%s", plan.table())
+        return plan
+
     def to_config(self) -> ClusterConfig:
         from model.config import ModelConfig
         from model.kv_cache import bytes_per_token, resolve_kv_format
 
         model_dir = self.model_dir()
         mc = ModelConfig.from_json(model_dir / "config.json")
+        self.check_pools(mc)
         kv_format = resolve_kv_format(self.kv_format, self.dtype).value
         wire = self.wire_format or kv_format
-        has_gpus = self.device == "cuda" or (self.device is None and _cluster_has_gpus())
-        device = self.device or ("cuda" if has_gpus else "cpu")
         engine = EngineSpec(
             model_dir=str(model_dir),
             dtype=self.dtype,
-            device=device,
+            device=self.resolve_device(),
+            weight_format=self.weight_format,
             kv_format=kv_format,
             num_pages=self.num_pages,
             page_size=self.page_size,
@@ -119,18 +227,18 @@ class ServeSettings(BaseModel):
             num_threads=self.num_threads,
         )
 
-        def pool(n: int, custom: dict[str, float]) -> PoolConfig:
+        def pool(n: int, num_ranks: int, custom: dict[str, float]) -> PoolConfig:
             res = RankResources(
                 self.cpus_per_rank, self.gpus_per_rank, tuple(sorted(custom.items()))
             )
-            return PoolConfig(n, 1, res)
+            return PoolConfig(n, num_ranks, res, self.ranks_per_node)
 
         if self.colocated is not None:
-            pools = {"mixed": pool(self.colocated, self.mixed_resources)}
+            pools = {"mixed": pool(self.colocated, self.colocated_ranks, self.mixed_resources)}
         else:
             pools = {
-                "prefill": pool(self.prefill, self.prefill_resources),
-                "decode": pool(self.decode, self.decode_resources),
+                "prefill": pool(self.prefill, self.prefill_ranks, self.prefill_resources),
+                "decode": pool(self.decode, self.decode_ranks, self.decode_resources),
             }
         scheduler = SchedulerConfig(
             ttft_slo_s=self.ttft_slo_s,
@@ -192,3 +300,14 @@ def _cluster_has_gpus() -> bool:
     import ray
 
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _local_gpu_mem_gb() -> float | None:
+    """GB of this process's first CUDA device, or None when it sees none."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / GB

@@ -58,6 +58,21 @@ def test_serve_arguments_parse():
     assert (args.address, args.host, args.port, args.colocated) == ("auto", "127.0.0.1", 8000, None)
 
 
+def test_serve_expert_parallel_flags_become_settings():
+    from cluster.serve import settings_from_args
+
+    argv = ["serve", "--model", "/m", "--prefill", "1", "--decode", "1", "--dtype", "bfloat16"]
+    argv += ["--prefill-ranks", "32", "--decode-ranks", "96", "--ranks-per-node", "8"]
+    argv += ["--gpu-mem-gb", "141", "--reserve-gb", "12", "--weight-format", "fp8"]
+    argv += ["--redundant-experts", "2"]
+    settings = settings_from_args(build_parser().parse_args(argv))
+    assert (settings.prefill_ranks, settings.decode_ranks, settings.ranks_per_node) == (32, 96, 8)
+    assert (settings.gpu_mem_gb, settings.reserve_gb, settings.redundant_experts) == (141, 12, 2)
+    assert (settings.weight_format, settings.dtype) == ("fp8", "bfloat16")
+    unset = settings_from_args(build_parser().parse_args(["serve", "--preset", "k2-tiny"]))
+    assert (unset.decode_ranks, unset.gpu_mem_gb, unset.weight_format) == (1, None, "auto")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -70,6 +85,7 @@ def test_serve_arguments_parse():
         (["serve", "--model", "/m", "--preset", "k2-tiny"], "not allowed with argument"),
         (["serve", "--preset", "k2-tiny", "--kv-format", "int4"], "invalid choice: 'int4'"),
         (["serve", "--preset", "k2-tiny", "--decode", "-1", "--prefill", "1"], "is negative"),
+        (["serve", "--preset", "k2-tiny", "--weight-format", "bf16"], "invalid choice: 'bf16'"),
     ],
 )
 def test_serve_rejects_bad_arguments_before_starting(argv, message, capsys):

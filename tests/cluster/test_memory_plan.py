@@ -1,4 +1,5 @@
-"""``tidal plan``: parameter counts, bytes per rank, refusals, the CLI and deploy settings."""
+"""``tidal plan``: parameter counts, bytes per rank (as the engine holds them), refusals, the
+CLI, and the check ``tidal serve`` / ``build_app`` run on deploy settings."""
 
 import json
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from cluster.cli import main
 from cluster.memory_plan import (
     Hardware,
+    HeldWeights,
     ModelWeights,
     PlanError,
     PlanOptions,
@@ -17,7 +19,6 @@ from cluster.memory_plan import (
     kv_bytes_per_token_per_layer,
     load_config,
     plan_cluster,
-    plan_from_settings,
 )
 from model.config import ModelConfig
 
@@ -86,7 +87,8 @@ DSV3_CONFIG = {
 }
 K2_PARAMS = 1_026_408_232_448  # what the formula gives; Moonshot quotes "1T total"
 DSV3_PARAMS = 671_521_871_360  # DeepSeek quotes 671B main model (+14B MTP, not loaded)
-H200 = Hardware(gpu_mem_gb=141, gpus_per_node=8)
+H200 = Hardware(gpu_mem_gb=141, ranks_per_node=8)
+FP8_BF16 = HeldWeights("bfloat16", is_fp8=True)
 K2_LAYOUT = [RoleLayout("prefill", 32), RoleLayout("decode", 96)]
 
 
@@ -145,14 +147,14 @@ def test_parameter_count_matches_generated_checkpoint(fixture, request):
     weights = ModelWeights(load_config(model_dir))
     assert sum(_numel(t["shape"]) for t in tensors.values()) == weights.num_params
     stored = sum(_numel(t["shape"]) * _DTYPE_BYTES[t["dtype"]] for t in tensors.values())
-    assert stored == weights.total_bytes("bf16")
+    assert stored == weights.stored_bytes()
 
 
 def test_fp8_bytes_match_generated_checkpoint(tiny_fp8_model_dir):
     tensors = _safetensors_tensors(tiny_fp8_model_dir)
     weights = ModelWeights(load_config(tiny_fp8_model_dir))
     stored = sum(_numel(t["shape"]) * _DTYPE_BYTES[t["dtype"]] for t in tensors.values())
-    assert stored == weights.total_bytes("fp8")
+    assert stored == weights.stored_bytes()
     index = json.loads((tiny_fp8_model_dir / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == stored
     values = sum(_numel(t["shape"]) for n, t in tensors.items() if not n.endswith("_scale_inv"))
@@ -171,7 +173,7 @@ def test_kv_bytes_match_the_cache():
 
 # ---- plans and refusals ------------------------------------------------------------------------
 def test_k2_fp8_on_one_h200_is_refused():
-    with pytest.raises(PlanError, match=r"1,029.2 GB of fp8 weights.*at least 12 ranks"):
+    with pytest.raises(PlanError, match=r"1,030.0 GB of fp8\+bfloat16 weights.*at least 12 ranks"):
         plan_cluster(
             ModelConfig.from_dict(K2_CONFIG), [RoleLayout("decode", 1)], H200, PlanOptions()
         )
@@ -199,7 +201,7 @@ def test_redundant_experts_add_slots():
     )
     assert extra.ranks[0].num_expert_slots == 6
     added = extra.ranks[0].weight_bytes - base.ranks[0].weight_bytes
-    assert added == 2 * weights.expert_slot_bytes("fp8")
+    assert added == 2 * weights.expert_slot_bytes(FP8_BF16)
 
 
 def test_required_context_that_does_not_fit_is_refused():
@@ -243,7 +245,7 @@ def test_cli_plan_refusals_exit_2(k2_dir, capsys):
     assert "at least 12 ranks per decode instance" in capsys.readouterr().err
     assert _plan_cli(k2_dir, "--decode-ranks", "100") == 2
     assert "e.g. 96 or 128" in capsys.readouterr().err
-    flags = ["--weights", "bf16", "--reserve-gb", "90", "--require-context", "262144"]
+    flags = ["--weight-format", "dequantize", "--reserve-gb", "90", "--require-context", "262144"]
     assert _plan_cli(k2_dir, "--decode-ranks", "96", *flags) == 2
     assert "fewer than the required 262,144" in capsys.readouterr().err
 
@@ -275,48 +277,208 @@ def test_cli_plan_help_and_colocated(k2_dir, capsys):
     assert "mixed       1     48      6        8" in capsys.readouterr().out
 
 
-# ---- deploy settings ---------------------------------------------------------------------------
-# The args: of deploy/serve-h200.yaml (2 prefill + 4 decode instances of 1 rank, bf16 weights).
-H200_ARGS = {
-    "model": "/models/Kimi-K2-Instruct-0905",
-    "dtype": "bfloat16",
-    "device": "cuda",
-    "kv_format": "bf16",
-    "prefill": 2,
-    "decode": 4,
-    "gpus_per_rank": 1,
-}
+# ---- what the engine holds -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fp8, dtype, weight_format",
+    [
+        (True, "bfloat16", "auto"),  # FP8 linears; kv_b bf16; router fp32
+        (True, "bfloat16", "dequantize"),
+        (True, "float32", "auto"),
+        (False, "bfloat16", "auto"),
+        (False, "float32", "auto"),
+    ],
+)
+def test_plan_weight_bytes_equal_the_engine(
+    fp8, dtype, weight_format, tiny_model_dir, tiny_fp8_model_dir
+):
+    """The plan's bytes per rank are ``Engine.weight_bytes``: one rank with every expert, and
+    one rank of two with half of them."""
+    import torch
+
+    from model import Engine
+
+    model_dir = tiny_fp8_model_dir if fp8 else tiny_model_dir
+    cfg = load_config(model_dir)
+    options = PlanOptions(weight_format=weight_format, dtype=dtype)
+    half = list(range(cfg.n_routed_experts // 2))
+    for num_ranks, expert_ids in ((1, None), (2, half)):
+        engine = Engine.load(
+            model_dir,
+            dtype=getattr(torch, dtype),
+            max_num_tokens=64,
+            weight_format=weight_format,
+            expert_ids=expert_ids,
+        )
+        plan = plan_cluster(cfg, [RoleLayout("decode", num_ranks)], H200, options)
+        assert plan.ranks[0].weight_bytes == engine.weight_bytes, (num_ranks, plan.held)
 
 
-def test_settings_of_today_are_refused_for_k2():
+def test_k2_held_bytes_count_kv_b_in_the_dtype_and_the_router_in_fp32():
     cfg = ModelConfig.from_dict(K2_CONFIG)
-    with pytest.raises(PlanError, match="2,052.8 GB of bf16 weights"):
-        plan_from_settings(H200_ARGS, gpu_mem_gb=141, config=cfg)
-    with pytest.raises(PlanError, match="gpu_mem_gb"):
-        plan_from_settings(H200_ARGS, config=cfg)
+    weights = ModelWeights(cfg)
+    kv_b = 61 * 64 * (128 + 128) * 512  # values: dequantised once at load
+    router = 60 * 384 * 7168
+    stored = weights.stored_bytes()  # kv_b FP8 with scales, router bf16
+    kv_b_stored = kv_b + 61 * (64 * 256 // 128) * (512 // 128) * 4
+    assert weights.total_bytes(FP8_BF16) == stored - kv_b_stored + 2 * kv_b + 2 * router
+    assert (
+        weights.total_bytes(HeldWeights("bfloat16", is_fp8=False))
+        == 2 * (weights.num_params + router) + 2 * 60 * 384
+    )  # the fp32 bias
 
 
-def test_settings_with_rank_keys_fit():
+def test_plan_speaks_engine_load_weight_formats():
     cfg = ModelConfig.from_dict(K2_CONFIG)
-    args = {
-        **H200_ARGS,
-        "prefill_ranks": 32,
-        "decode_ranks": 96,
-        "gpus_per_node": 8,
-        "gpu_mem_gb": 141,
-        "weight_format": "fp8",
-        "require_context": 262144,
-    }
-    prefill, decode = plan_from_settings(args, config=cfg).ranks
+    layout = [RoleLayout("decode", 96)]
+    auto, fp8, dequantized = (
+        plan_cluster(cfg, layout, H200, PlanOptions(weight_format=f))
+        for f in ("auto", "fp8", "dequantize")
+    )
+    assert auto.held == fp8.held == FP8_BF16 and dequantized.held.name == "bfloat16"
+    assert auto.ranks[0].weight_bytes == fp8.ranks[0].weight_bytes
+    assert dequantized.ranks[0].weight_bytes > 1.7 * auto.ranks[0].weight_bytes
+    with pytest.raises(PlanError, match="weight_format 'bf16'"):
+        plan_cluster(cfg, layout, H200, PlanOptions(weight_format="bf16"))
+
+
+# ---- deploy settings and the check before serving ----------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+H200_DEPLOY_FILES = ("deploy/serve-h200.yaml", "deploy/kuberay/rayservice-h200.yaml")
+
+
+def _deploy_args(path: str) -> dict:
+    """The ``args:`` of the tidal application in a Serve config or a RayService."""
+    import yaml
+
+    docs = list(yaml.safe_load_all((ROOT / path).read_text()))
+    for doc in docs:
+        if "serveConfigV2" in doc.get("spec", {}):
+            doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
+        if "applications" in doc:
+            (app,) = doc["applications"]
+            return app["args"]
+    raise AssertionError(f"{path}: no Serve application")
+
+
+def _k2_settings(k2_dir: Path, **kw):
+    from cluster.settings import ServeSettings
+
+    args = {"model": str(k2_dir), "dtype": "bfloat16", "device": "cuda", **kw}
+    return ServeSettings(**args)
+
+
+@pytest.mark.parametrize("path", H200_DEPLOY_FILES)
+def test_shipped_h200_layouts_pass_the_plan_check(path, k2_dir, capsys):
+    from cluster.settings import ServeSettings
+
+    args = _deploy_args(path)
+    assert (args["gpu_mem_gb"], args["ranks_per_node"], args["dtype"]) == (141, 8, "bfloat16")
+    assert args["weight_format"] in ("auto", "fp8") and args["kv_format"] in ("bf16", "fp8")
+    settings = ServeSettings(**{**args, "model": str(k2_dir)})
+    plan = settings.check_memory("cuda")
+    print(plan.table())
+    assert plan.held == FP8_BF16
+    roles = {r.layout.role: r for r in plan.ranks}
+    assert sorted(roles) == ["decode", "prefill"]
+    assert all(r.num_nodes > 1 for r in plan.ranks)  # multi-node expert-parallel instances
+    assert roles["decode"].max_context_len == 262144  # a whole 256K context on one rank
+    assert plan.options.num_cache_tokens >= 262144  # and the cache each rank allocates holds it
+    config = settings.to_config()
+    for role, rank in roles.items():
+        pool = config.pool(role)
+        assert (pool.num_ranks, pool.num_nodes) == (rank.layout.num_ranks, rank.num_nodes)
+    assert config.engine.weight_format == args["weight_format"]
+
+
+def test_kuberay_worker_groups_hold_the_instances():
+    """Each worker group's replicas = instances x nodes per instance, ranks_per_node GPUs each,
+    advertising the pool's custom resource for every rank."""
+    import yaml
+
+    from cluster.settings import ServeSettings
+
+    path = "deploy/kuberay/rayservice-h200.yaml"
+    settings = ServeSettings(**_deploy_args(path))
+    (service, *_) = yaml.safe_load_all((ROOT / path).read_text())
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for role in ("prefill", "decode"):
+        group = groups[f"{role}-h200"]
+        num_ranks = getattr(settings, f"{role}_ranks")
+        num_nodes = -(-num_ranks // settings.ranks_per_node)
+        assert group["replicas"] == getattr(settings, role) * num_nodes, role
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], role
+        assert group["minReplicas"] % num_nodes == 0 == group["maxReplicas"] % num_nodes, role
+        (container,) = group["template"]["spec"]["containers"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == settings.ranks_per_node
+        per_node = json.loads(json.loads(group["rayStartParams"]["resources"]))
+        per_rank = getattr(settings, f"{role}_resources")
+        assert per_node == {k: v * settings.ranks_per_node for k, v in per_rank.items()}, role
+
+
+def test_settings_plan_follows_the_pools(k2_dir):
+    settings = _k2_settings(
+        k2_dir, prefill=2, prefill_ranks=32, decode=4, decode_ranks=96, gpu_mem_gb=141
+    )
+    prefill, decode = settings.check_memory("cuda").ranks
     assert (prefill.layout.num_instances, prefill.layout.num_ranks) == (2, 32)
     assert (decode.layout.num_instances, decode.layout.num_ranks) == (4, 96)
-    mixed = plan_from_settings({**args, "colocated": 3, "colocated_ranks": 48}, config=cfg)
-    assert [(r.layout.role, r.layout.num_instances) for r in mixed.ranks] == [("mixed", 3)]
-    only_decode = plan_from_settings({**args, "prefill": 0}, config=cfg)
-    assert [r.layout.role for r in only_decode.ranks] == ["decode"]
+    mixed = _k2_settings(k2_dir, colocated=3, colocated_ranks=48, gpu_mem_gb=141)
+    assert [(r.layout.role, r.layout.num_instances) for r in mixed.check_memory("cuda").ranks] == [
+        ("mixed", 3)
+    ]
+    only_decode = _k2_settings(k2_dir, prefill=0, decode_ranks=96, gpu_mem_gb=141)
+    assert [r.layout.role for r in only_decode.check_memory("cuda").ranks] == ["decode"]
 
 
-def test_settings_read_the_model_dir(k2_dir):
-    args = {"model": str(k2_dir), "decode_ranks": 96, "prefill_ranks": 32, "weight_format": "fp8"}
-    plan = plan_from_settings(args, gpu_mem_gb=141)
-    assert plan.weights.num_params == K2_PARAMS
+def test_settings_plan_refusals_say_what_to_set(k2_dir, monkeypatch):
+    from cluster import settings as settings_module
+
+    one_rank = _k2_settings(k2_dir, gpu_mem_gb=141)  # today's 1-rank instances
+    with pytest.raises(PlanError, match=r"prefill: .*1,030.0 GB .* at least 12 ranks"):
+        one_rank.check_memory("cuda")
+    with pytest.raises(PlanError, match=r"384 routed experts .* 100 ranks.*96 or 128"):
+        _k2_settings(k2_dir, decode_ranks=100).check_memory("cpu")  # even when the plan skips
+    monkeypatch.setattr(settings_module, "_local_gpu_mem_gb", lambda: None)
+    fits = _k2_settings(k2_dir, prefill_ranks=32, decode_ranks=96)
+    with pytest.raises(PlanError, match="set gpu_mem_gb"):
+        fits.check_memory("cuda")
+    monkeypatch.setattr(settings_module, "_local_gpu_mem_gb", lambda: 141.0)
+    assert fits.check_memory("cuda").hardware.gpu_mem_gb == 141.0
+    too_many_pages = _k2_settings(
+        k2_dir, prefill_ranks=32, decode_ranks=96, num_pages=20_000, gpu_mem_gb=141
+    )
+    with pytest.raises(PlanError, match=r"prefill: the KV cache of 1,280,000 tokens.*num_pages"):
+        too_many_pages.check_memory("cuda")
+
+
+def test_serve_refuses_a_layout_that_cannot_fit_before_any_ray_call(k2_dir, monkeypatch, capsys):
+    import ray
+
+    from cluster import serve
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was called before the plan check refused the layout")
+
+    monkeypatch.setattr(serve, "connect_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
+    settings = _k2_settings(k2_dir, prefill_ranks=32, decode_ranks=8, gpu_mem_gb=141)
+    with pytest.raises(PlanError, match="decode: .* at least 12 ranks per decode instance"):
+        serve.start(settings)
+    argv = ["serve", "--model", str(k2_dir), "--prefill", "1", "--decode", "1", "--dtype"]
+    argv += ["bfloat16", "--prefill-ranks", "32", "--decode-ranks", "8", "--gpu-mem-gb", "141"]
+    assert main(argv) == 2
+    assert "at least 12 ranks per decode instance" in capsys.readouterr().err
+    assert main([*argv[:-6], "--decode-ranks", "7"]) == 2
+    assert "do not split evenly over 7 ranks" in capsys.readouterr().err
+
+
+def test_build_app_refuses_a_layout_that_cannot_fit(k2_dir, monkeypatch):
+    from cluster import app
+
+    def no_app(config):
+        raise AssertionError("the application was built before the plan check refused it")
+
+    monkeypatch.setattr(app, "build_app_from_config", no_app)
+    args = {"model": str(k2_dir), "dtype": "bfloat16", "device": "cuda", "gpu_mem_gb": 48}
+    with pytest.raises(PlanError, match="prefill: .*48 GB GPU"):
+        app.build_app({**args, "prefill_ranks": 32, "decode_ranks": 96})

@@ -106,3 +106,73 @@ def test_build_app_validates_args(tiny_model_dir):
     assert type(app).__name__ == "Application"
     with pytest.raises(ValidationError, match="colocatd"):
         build_app({"colocatd": 1})
+
+
+def test_ranks_and_weight_format_reach_the_config(tiny_model_dir):
+    cfg = ServeSettings(
+        model=str(tiny_model_dir),
+        prefill_ranks=2,
+        decode_ranks=4,
+        ranks_per_node=2,
+        weight_format="dequantize",
+    ).to_config()
+    prefill, decode = cfg.pool("prefill"), cfg.pool("decode")
+    assert (prefill.num_ranks, prefill.num_nodes, prefill.ranks_per_node) == (2, 1, 2)
+    assert (decode.num_ranks, decode.num_nodes) == (4, 2)
+    assert cfg.engine.weight_format == "dequantize"
+    mixed = ServeSettings(model=str(tiny_model_dir), colocated=2, colocated_ranks=8).to_config()
+    assert (mixed.pool("mixed").num_ranks, mixed.pool("mixed").num_nodes) == (8, 1)
+    assert ServeSettings(model=str(tiny_model_dir)).to_config().engine.weight_format == "auto"
+
+
+def test_pool_config_ranks_and_nodes():
+    from cluster.config import PoolConfig
+
+    assert PoolConfig(1, 96).num_nodes == 12 and PoolConfig(1, 12).num_nodes == 2
+    assert PoolConfig(1, 3, ranks_per_node=1).num_nodes == 3
+    with pytest.raises(ValueError, match="cannot have 0 ranks"):
+        PoolConfig(1, 0)
+    with pytest.raises(ValueError, match="ranks_per_node=0"):
+        PoolConfig(1, 2, ranks_per_node=0)
+
+
+def test_rank_settings_say_what_to_fix(tiny_model_dir, tiny_fp8_model_dir):
+    from cluster.memory_plan import PlanError
+
+    with pytest.raises(ValidationError, match="decode_ranks"):
+        ServeSettings(decode_ranks=0)
+    with pytest.raises(ValidationError, match="ranks_per_node"):
+        ServeSettings(ranks_per_node=0)
+    with pytest.raises(ValidationError, match="prefill_ranks .*use colocated_ranks"):
+        ServeSettings(colocated=1, prefill_ranks=2)
+    with pytest.raises(ValidationError, match="colocated_ranks sizes mixed instances"):
+        ServeSettings(colocated_ranks=2)
+    with pytest.raises(ValidationError, match="reserve_gb 90 leaves nothing"):
+        ServeSettings(gpu_mem_gb=80, reserve_gb=90)
+    with pytest.raises(ValidationError, match="weight_format"):
+        ServeSettings(weight_format="bf16")
+    with pytest.raises(ValidationError, match="redundant_experts"):
+        ServeSettings(redundant_experts=-1)
+    # k2-tiny has 8 routed experts: 3 ranks cannot split them
+    with pytest.raises(PlanError, match=r"decode: 8 routed experts .* 3 ranks.*e\.g\. 2 or 4"):
+        ServeSettings(model=str(tiny_model_dir), decode_ranks=3).to_config()
+    with pytest.raises(PlanError, match="needs a block-FP8 checkpoint"):
+        ServeSettings(model=str(tiny_model_dir), weight_format="fp8").to_config()
+    fp8 = ServeSettings(model=str(tiny_fp8_model_dir), weight_format="fp8").to_config()
+    assert fp8.engine.weight_format == "fp8"
+
+
+def test_memory_check_on_cpu_is_skipped_unless_gpu_mem_gb_is_set(tiny_model_dir, caplog):
+    import logging
+
+    settings = ServeSettings(model=str(tiny_model_dir), decode_ranks=2)
+    with caplog.at_level(logging.INFO, logger="cluster.settings"):
+        assert settings.check_memory("cpu") is None
+    assert "memory plan skipped: device cpu and no gpu_mem_gb" in caplog.text
+    planned = ServeSettings(model=str(tiny_model_dir), decode_ranks=2, gpu_mem_gb=1.0).check_memory(
+        "cpu"
+    )
+    decode = planned.ranks[1]
+    assert (decode.layout.num_ranks, decode.num_expert_slots) == (2, 4)
+    assert planned.options.num_cache_tokens == 8192  # the engine's default: max_model_len here
+    assert planned.held.name == "float32" and planned.options.kv_format == "fp32"
