@@ -104,6 +104,7 @@ class ClusterConfig:
     poll_timeout_s: float = 2.0  # one long-poll of a decode worker
     max_body_bytes: int = 8 << 20  # HTTP request body limit (413 beyond)
     max_concurrency: int = 256  # actor threads per worker (one per concurrent long-poll)
+    ep_timeout_s: float = 30.0  # an expert-parallel collective waiting longer fails (dead peer)
 
     def __post_init__(self) -> None:
         unknown = set(self.pools) - set(ROLES)

@@ -1,8 +1,10 @@
 """An instance: one model replica, a placement group of rank actors (one per GPU).
 
-Rank 0 is the leader: the ingress and the pool manager talk to it. With one rank (all that
-runs today) the leader is the instance; an expert-parallel instance adds ranks that the leader
-drives through torch.distributed, with the same placement group and the same API outside.
+Every rank holds attention, the dense layers and the shared expert, and its block of the routed
+experts; it owns its sequences, KV pages and KV receiver, so the scheduler routes to ranks
+(each rank is one scheduler unit, ``unit_id``). Rank 0 is the leader for the pool manager and
+hosts the rendezvous of the instance's process group. A rank that dies takes its instance down:
+the others' collectives fail, and the pool manager replaces the whole instance.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup
 
 from cluster.config import ClusterConfig
-from cluster.messages import InstanceView, WorkerInfo, WorkerStats
+from cluster.messages import InstanceView, WorkerInfo, WorkerStats, unit_id
 from cluster.placement import create_instance_group, instance_bundles, rank_options, remove_group
 from cluster.worker import make_rank_worker
 
@@ -33,18 +35,30 @@ class Instance:
     infos: list[WorkerInfo] = field(default_factory=list)
     state: str = STARTING
 
+    num_ranks: int = 1
+
     @property
     def leader(self) -> Any:
         return self.ranks[0]
 
-    def view(self, stats: WorkerStats | None) -> InstanceView:
+    @property
+    def unit_ids(self) -> list[str]:
+        """The scheduler's ids of this instance's ranks, rank 0 first."""
+        return [unit_id(self.instance_id, r, self.num_ranks) for r in range(self.num_ranks)]
+
+    def units(self) -> dict[str, Any]:
+        """scheduler unit id -> rank actor handle."""
+        return dict(zip(self.unit_ids, self.ranks, strict=True))
+
+    def view(self, rank_stats: list[WorkerStats | None]) -> InstanceView:
         return InstanceView(
             instance_id=self.instance_id,
             role=self.role,
             state=self.state,
-            num_ranks=len(self.ranks),
+            num_ranks=self.num_ranks,
             node_ids=tuple(i.node_id for i in self.infos),
-            stats=stats,
+            stats=rank_stats[0] if rank_stats else None,
+            rank_stats=tuple(rank_stats),
         )
 
 
@@ -59,26 +73,30 @@ async def start_instance(
     """Place and start every rank of a new instance and wait until their engines are loaded.
     On failure nothing is left behind (actors killed, group removed) and the error is raised."""
     pool = config.pool(role)
-    bundles = instance_bundles(pool, has_gpus)
-    inst = Instance(instance_id, role)
+    inst = Instance(instance_id, role, num_ranks=pool.num_ranks)
     try:
+        bundles = instance_bundles(pool, has_gpus)
         inst.pg = await create_instance_group(f"{config.name}/{instance_id}", bundles, timeout_s)
-        for rank, bundle in enumerate(bundles):
+        for rank in range(pool.num_ranks):
             inst.ranks.append(
                 make_rank_worker(
                     instance_id,
                     rank,
+                    pool.num_ranks,
                     role,
                     config,
                     scheduler,
                     name=f"{config.name}/{instance_id}/r{rank}",
                     namespace="tidal",
-                    **rank_options(inst.pg, rank, bundle),
+                    **rank_options(inst.pg, pool, rank, has_gpus),
                 )
             )
+        address = None
+        if pool.num_ranks > 1:  # the group meets at rank 0, on its node
+            address = await asyncio.wait_for(inst.leader.rendezvous_address.remote(), timeout_s)
         inst.infos = list(
             await asyncio.wait_for(
-                asyncio.gather(*(r.ready.remote() for r in inst.ranks)), timeout_s
+                asyncio.gather(*(r.launch.remote(address) for r in inst.ranks)), timeout_s
             )
         )
     except BaseException:

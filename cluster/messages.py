@@ -25,6 +25,7 @@ class WorkerInfo:
     """Where a rank runs and what it serves (answer of ``ready``)."""
 
     instance_id: str
+    unit_id: str  # this rank in the scheduler (routes, reports, metrics)
     rank: int
     role: str
     node_id: str
@@ -76,10 +77,19 @@ class InstanceView:
     state: str  # starting | serving | moving | draining | dead
     num_ranks: int
     node_ids: tuple[str, ...]
-    stats: WorkerStats | None
+    stats: WorkerStats | None  # rank 0's
+    rank_stats: tuple[WorkerStats | None, ...] = ()  # every rank's, rank 0 first
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["node_ids"] = list(self.node_ids)
         d["stats"] = self.stats.to_dict() if self.stats is not None else None
+        d["rank_stats"] = [s.to_dict() if s is not None else None for s in self.rank_stats]
         return d
+
+
+def unit_id(instance_id: str, rank: int, num_ranks: int) -> str:
+    """A rank's id in the scheduler: each rank of an expert-parallel instance owns its
+    sequences, pages and KV receiver (data-parallel attention), so the scheduler routes to ranks.
+    A one-rank instance's only rank goes by the instance id."""
+    return instance_id if num_ranks == 1 else f"{instance_id}.r{rank}"

@@ -1,9 +1,11 @@
-"""Placement: one Ray placement group per instance, one bundle per rank.
+"""Placement: one Ray placement group per instance, one bundle per node of the instance.
 
-An instance's ranks exchange experts every MoE layer, so they are packed onto one node
-(``STRICT_PACK``); each bundle is what one rank asks for (CPUs, a GPU where the cluster has
-them, custom resources such as a node label). Ray only places the group when every bundle fits,
-so an instance is never half-started.
+An instance of R ranks spans ceil(R / ranks_per_node) nodes, filled node by node (the ranks
+that exchange experts most often share a node's fast links). Each node's share is one bundle
+holding its ranks' resources (CPUs, GPUs where the cluster has them, custom resources such as
+a node label); the bundles go to distinct nodes (``STRICT_SPREAD``; one bundle is
+``STRICT_PACK``), and each rank actor takes its own slice of its node's bundle. Ray only places
+the group when every bundle fits, so an instance is never half-started.
 """
 
 from __future__ import annotations
@@ -22,11 +24,21 @@ class PlacementError(RuntimeError):
     """The cluster cannot fit an instance; the message says what was asked and what is free."""
 
 
+def ranks_per_bundle(pool: PoolConfig) -> list[int]:
+    """How many of an instance's ranks each node (bundle) holds, node by node."""
+    full, rest = divmod(pool.num_ranks, pool.ranks_per_node)
+    return [pool.ranks_per_node] * full + ([rest] if rest else [])
+
+
 def instance_bundles(pool: PoolConfig, has_gpus: bool) -> list[dict[str, float]]:
-    """One bundle per rank of an instance of ``pool``."""
-    bundle = pool.resources.bundle(has_gpus)
-    assert bundle, "a rank must ask for some resource (cpus_per_rank > 0)"
-    return [dict(bundle) for _ in range(pool.num_ranks)]
+    """One bundle per node of an instance of ``pool``: its ranks' resources together."""
+    rank = pool.resources.bundle(has_gpus)
+    assert rank, "a rank must ask for some resource (cpus_per_rank > 0)"
+    return [{k: v * n for k, v in rank.items()} for n in ranks_per_bundle(pool)]
+
+
+def rank_bundle_index(pool: PoolConfig, rank: int) -> int:
+    return rank // pool.ranks_per_node
 
 
 def cluster_has_gpus() -> bool:
@@ -36,30 +48,35 @@ def cluster_has_gpus() -> bool:
 async def create_instance_group(
     name: str, bundles: list[dict[str, float]], timeout_s: float
 ) -> PlacementGroup:
-    """Reserve the bundles of one instance on one node; raises ``PlacementError`` if Ray cannot
-    place them within ``timeout_s`` (the group is removed again)."""
-    pg = placement_group(bundles, strategy="STRICT_PACK", name=name)
+    """Reserve the bundles of one instance, one node each; raises ``PlacementError`` if Ray
+    cannot place them within ``timeout_s`` (the group is removed again)."""
+    strategy = "STRICT_PACK" if len(bundles) == 1 else "STRICT_SPREAD"
+    pg = placement_group(bundles, strategy=strategy, name=name)
     try:
         await asyncio.wait_for(pg.ready(), timeout_s)
     except asyncio.TimeoutError:
         remove_placement_group(pg)
         raise PlacementError(
-            f"cannot place instance {name!r}: it needs {bundles} on one node, the cluster has "
+            f"cannot place instance {name!r}: it needs {bundles} (one bundle per node), the "
+            "cluster has "
             f"{ray.available_resources()} free; add nodes, lower --cpus-per-rank, or run fewer "
             "instances"
         ) from None
     return pg
 
 
-def rank_options(pg: PlacementGroup, rank: int, bundle: dict[str, float]) -> dict[str, Any]:
-    """Actor options that put rank ``rank`` into its bundle with exactly the bundle's resources."""
-    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+def rank_options(
+    pg: PlacementGroup, pool: PoolConfig, rank: int, has_gpus: bool
+) -> dict[str, Any]:
+    """Actor options that put ``rank`` into its node's bundle with one rank's resources."""
+    resources = pool.resources.bundle(has_gpus)
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
     return {
         "scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=rank
+            placement_group=pg, placement_group_bundle_index=rank_bundle_index(pool, rank)
         ),
-        "num_cpus": bundle.get("CPU", 0),
-        "num_gpus": bundle.get("GPU", 0),
+        "num_cpus": resources.get("CPU", 0),
+        "num_gpus": resources.get("GPU", 0),
         "resources": custom,
     }
 

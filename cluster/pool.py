@@ -90,12 +90,14 @@ class PoolManager:
         return self.scheduler
 
     async def handles(self) -> dict[str, Any]:
-        """instance id -> leader actor handle, for every instance that may hold requests."""
+        """scheduler unit id (a rank) -> its actor handle, for every instance that may hold
+        requests."""
         self._ensure_started()
         return {
-            i.instance_id: i.leader
+            uid: handle
             for i in self._instances.values()
             if i.state in (SERVING, MOVING, DRAINING) and i.ranks
+            for uid, handle in i.units().items()
         }
 
     async def snapshot(self) -> dict[str, Any]:
@@ -103,13 +105,14 @@ class PoolManager:
         self._ensure_started()
         instances = [i for i in self._instances.values() if i.state != DEAD]
 
-        async def stats(inst: Instance) -> Any:
+        async def stats(inst: Instance) -> list[Any]:
             if not inst.ranks or inst.state == STARTING:
-                return None
-            try:
-                return await asyncio.wait_for(inst.leader.stats.remote(), 5.0)
-            except Exception:
-                return None
+                return []
+            answers = await asyncio.gather(
+                *(asyncio.wait_for(r.stats.remote(), 5.0) for r in inst.ranks),
+                return_exceptions=True,
+            )
+            return [None if isinstance(a, BaseException) else a for a in answers]
 
         all_stats = await asyncio.gather(*(stats(i) for i in instances))
         sched = await self.scheduler.stats.remote()
@@ -148,6 +151,11 @@ class PoolManager:
                 raise ValueError(
                     f"instance {instance_id!r} is not serving; pick one from GET /admin/pools"
                 )
+            if inst.role != role and self.config.pool(role).num_ranks != inst.num_ranks:
+                raise ValueError(
+                    f"{instance_id} has {inst.num_ranks} ranks and {role} instances have "
+                    f"{self.config.pool(role).num_ranks}; an instance keeps its ranks when it moves"
+                )
             if inst.role != role:
                 old = inst.role
                 remaining = sum(
@@ -158,23 +166,23 @@ class PoolManager:
                 if old in ("decode", "mixed") and role == "prefill" and remaining == 0:
                     raise ValueError(f"{instance_id} is the last decode instance; add one first")
                 inst.state = MOVING
-                await inst.leader.set_reporting.remote(False)
-                await self.scheduler.remove_instance.remote(instance_id)
-                try:
-                    answer = await inst.leader.set_role.remote(role)
+                await self._unregister(inst)
+                try:  # every rank at once: their step loops stay in lockstep
+                    answers = await asyncio.gather(*(r.set_role.remote(role) for r in inst.ranks))
                 except Exception as e:  # a worker that failed half-way is replaced, not reused
                     inst.state = SERVING
                     await self._heal(inst)
                     raise RuntimeError(f"{instance_id}: role change failed: {e}") from e
-                inst.role, inst.infos[0] = role, answer
+                inst.role, inst.infos = role, list(answers)
                 await self._register(inst)
                 self._targets[old] -= 1
                 self._targets[role] += 1
         return await self.snapshot()
 
-    async def report_failure(self, instance_id: str) -> None:
-        """The ingress saw a call to ``instance_id`` fail: check it now."""
-        inst = self._instances.get(instance_id)
+    async def report_failure(self, unit_id: str) -> None:
+        """The ingress saw a call to a rank (scheduler unit ``unit_id``) fail: check its
+        instance now."""
+        inst = next((i for i in self._instances.values() if unit_id in i.unit_ids), None)
         if inst is not None and inst.state in (SERVING, DRAINING):
             if not await self._is_alive(inst):
                 await self._heal(inst)
@@ -231,19 +239,30 @@ class PoolManager:
         log.info("%s started as %s on %s", instance_id, role, inst.infos[0].node_id)
 
     async def _register(self, inst: Instance) -> None:
-        error = await self.scheduler.add_instance.remote(inst.instance_id, inst.role)
-        if isinstance(error, SchedulerError):
-            raise RuntimeError(f"scheduler refused {inst.instance_id}: {error.message}")
-        await inst.leader.set_reporting.remote(True)
+        """Every rank into the scheduler (each is a unit), then their reports on."""
+        for uid in inst.unit_ids:
+            error = await self.scheduler.add_instance.remote(uid, inst.role)
+            if isinstance(error, SchedulerError):
+                raise RuntimeError(f"scheduler refused {uid}: {error.message}")
+        await asyncio.gather(*(r.set_reporting.remote(True) for r in inst.ranks))
         inst.state = SERVING
+
+    async def _unregister(self, inst: Instance) -> None:
+        """Reports off and every rank out of the scheduler (no new routes)."""
+        await asyncio.gather(*(r.set_reporting.remote(False) for r in inst.ranks))
+        for uid in inst.unit_ids:
+            await self.scheduler.remove_instance.remote(uid)
 
     async def _shrink(self, inst: Instance) -> None:
         inst.state = DRAINING
         try:
-            await inst.leader.set_reporting.remote(False)
-            await self.scheduler.remove_instance.remote(inst.instance_id)
-            await inst.leader.drain.remote()
-            await inst.leader.shutdown.remote()
+            await self._unregister(inst)
+            await asyncio.gather(*(r.drain.remote() for r in inst.ranks))
+            # ranks of one instance stop together (a lone rank's collectives would wait)
+            await asyncio.wait_for(
+                asyncio.gather(*(r.shutdown.remote() for r in inst.ranks)),
+                self.config.ep_timeout_s,
+            )
         except Exception as e:  # dead already: nothing left to drain
             log.warning("%s: drain failed: %s", inst.instance_id, e)
         stop_instance(inst)
@@ -267,7 +286,8 @@ class PoolManager:
         inst.state = DEAD
         self._num_replaced += 1
         self._metrics.instance_died(inst.role)
-        await self.scheduler.remove_instance.remote(inst.instance_id)
+        for uid in inst.unit_ids:
+            await self.scheduler.remove_instance.remote(uid)
         stop_instance(inst)
         self._instances.pop(inst.instance_id, None)
         task = asyncio.get_running_loop().create_task(self._reconcile_locked())
@@ -300,7 +320,12 @@ class PoolManager:
         self._metrics.update(counts, sched, now)
         if self._planner.is_due(now):
             stats = await asyncio.gather(
-                *(i.leader.stats.remote() for i in self._instances.values() if i.state == SERVING),
+                *(
+                    r.stats.remote()
+                    for i in self._instances.values()
+                    if i.state == SERVING
+                    for r in i.ranks
+                ),
                 return_exceptions=True,
             )
             workers = [s for s in stats if not isinstance(s, BaseException)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from typing import Any
 import ray
 
 from cluster.config import ClusterConfig
-from cluster.messages import WorkerError, WorkerInfo, WorkerStats
+from cluster.messages import WorkerError, WorkerInfo, WorkerStats, unit_id
 from cluster.metrics import WorkerMetrics
 from common.stage import Stage
 from decode.jobs import DecodeJob, TokenBatch
@@ -45,26 +46,18 @@ class RankWorker:
     """Ray actor body (``make_rank_worker`` applies ``ray.remote``); one per rank."""
 
     def __init__(
-        self, instance_id: str, rank: int, role: str, config: ClusterConfig, scheduler: Any
+        self,
+        instance_id: str,
+        rank: int,
+        num_ranks: int,
+        role: str,
+        config: ClusterConfig,
+        scheduler: Any,
     ) -> None:
-        import torch
-
-        from model import Engine
-
-        spec = config.engine
-        torch.set_num_threads(spec.num_threads)
-        kwargs: dict[str, Any] = {"num_pages": spec.num_pages} if spec.num_pages else {}
-        self.engine = Engine.load(
-            spec.model_dir,
-            dtype=getattr(torch, spec.dtype),
-            device=spec.device,
-            kv_format=spec.kv_format,
-            page_size=spec.page_size,
-            chunk_size=spec.chunk_size,
-            **kwargs,
-        )
         self.instance_id = instance_id
         self.rank = rank
+        self.num_ranks = num_ranks
+        self.unit_id = unit_id(instance_id, rank, num_ranks)  # this rank in the scheduler
         self.config = config
         self._scheduler = scheduler
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -75,20 +68,69 @@ class RankWorker:
         self._is_reporting = False
         self._receiver = None
         self._owners: dict[str, Stage] = {}  # request -> the decode stage that streams it
-        self._metrics = WorkerMetrics(instance_id)
+        self._metrics = WorkerMetrics(self.unit_id)
         self._role = Role(role)
+        self._closed = threading.Event()
+        self._stage: Stage | None = None  # from launch()
+        self._loop_thread: threading.Thread | None = None
+
+    # ---- lifecycle (pool manager) -----------------------------------------------------------
+    def rendezvous_address(self) -> str:
+        """Rank 0 of an expert-parallel instance: a free "host:port" on its node where the
+        instance's process group meets (the pool manager hands it to every rank's ``launch``)."""
+        assert self.rank == 0, "the group meets at rank 0"
+        with socket.socket() as s:
+            s.bind((self._node_ip, 0))
+            return f"{self._node_ip}:{s.getsockname()[1]}"
+
+    def launch(self, address: str | None = None) -> WorkerInfo:
+        """Join the instance's expert-parallel group (``address``: rank 0's rendezvous; None
+        for a one-rank instance), load this rank's engine, and start serving its role."""
+        import torch
+
+        from model import Engine
+
+        spec = self.config.engine
+        torch.set_num_threads(spec.num_threads)
+        ep = None
+        if self.num_ranks > 1:
+            from model.config import ModelConfig
+            from model.parallel import ExpertParallel
+
+            assert address is not None, "an expert-parallel rank needs rank 0's address"
+            num_experts = ModelConfig.from_json(f"{spec.model_dir}/config.json").n_routed_experts
+            ep = ExpertParallel.join(
+                address,
+                self.rank,
+                self.num_ranks,
+                num_experts,
+                backend="nccl" if spec.device == "cuda" else "gloo",
+                timeout_s=self.config.ep_timeout_s,
+            )
+        kwargs: dict[str, Any] = {"num_pages": spec.num_pages} if spec.num_pages else {}
+        self.engine = Engine.load(
+            spec.model_dir,
+            dtype=getattr(torch, spec.dtype),
+            device=spec.device,
+            kv_format=spec.kv_format,
+            weight_format=spec.weight_format,
+            page_size=spec.page_size,
+            chunk_size=spec.chunk_size,
+            ep=ep,
+            **kwargs,
+        )
         self._stage = self._make_stage(self._role)
         self._loop_stop = threading.Event()
         self._loop_thread = self._start_loop()
-        self._closed = threading.Event()
         threading.Thread(target=self._report_forever, name="tidal-report", daemon=True).start()
+        return self.ready()
 
-    # ---- lifecycle (pool manager) -----------------------------------------------------------
     def ready(self) -> WorkerInfo:
-        """Answers once the engine is loaded; what and where this rank is."""
+        """What and where this rank is (after ``launch``)."""
         cache = self.engine.cache
         return WorkerInfo(
             instance_id=self.instance_id,
+            unit_id=self.unit_id,
             rank=self.rank,
             role=self._role.value,
             node_id=self._node_id,
@@ -102,8 +144,10 @@ class RankWorker:
 
     def ping(self) -> str:
         """Health check: the role, if the step loop is alive."""
+        if self._loop_thread is None:
+            raise RuntimeError(f"{self.unit_id}: not started")
         if not self._loop_thread.is_alive() and not self._role_lock.locked():
-            raise RuntimeError(f"{self.instance_id}: the step loop thread died")
+            raise RuntimeError(f"{self.unit_id}: the step loop thread died")
         return self._role.value
 
     def set_reporting(self, is_on: bool) -> None:
@@ -133,7 +177,7 @@ class RankWorker:
                 self._role, self._stage = new_role, stage
                 self._is_draining = False
             self._loop_thread = self._start_loop()
-        log.info("%s: now %s", self.instance_id, new_role.value)
+        log.info("%s: now %s", self.unit_id, new_role.value)
         return self.ready()
 
     def drain(self) -> bool:
@@ -150,6 +194,8 @@ class RankWorker:
         """Stop the loop, cancel everything, free every page, close the receiver."""
         self._closed.set()
         self._is_reporting = False
+        if self._stage is None:  # never started
+            return
         self._stop_loop()
         self._stage.close()
         if self._receiver is not None:
@@ -178,7 +224,7 @@ class RankWorker:
         try:
             return stage.reserve(request_id, num_tokens, lease_s)
         except Exception as e:  # out of pages, duplicate id: the scheduler's books were stale
-            return WorkerError(f"{self.instance_id}: reserve failed: {type(e).__name__}: {e}")
+            return WorkerError(f"{self.unit_id}: reserve failed: {type(e).__name__}: {e}")
 
     def start(self, job: DecodeJob) -> WorkerError | None:
         """Start decoding ``job`` (``first_token_id=None``: prefill it here first)."""
@@ -193,7 +239,7 @@ class RankWorker:
         except Exception as e:
             with self._lock:
                 self._owners.pop(job.request_id, None)
-            return WorkerError(f"{self.instance_id}: start failed: {type(e).__name__}: {e}")
+            return WorkerError(f"{self.unit_id}: start failed: {type(e).__name__}: {e}")
         return None
 
     @ray.method(concurrency_group=BLOCKING)
@@ -202,7 +248,7 @@ class RankWorker:
         with self._lock:
             stage = self._owners.get(request_id)
         if stage is None:
-            return TokenBatch([], cursor, True, "abort", f"{self.instance_id}: unknown request")
+            return TokenBatch([], cursor, True, "abort", f"{self.unit_id}: unknown request")
         try:
             batch = stage.poll(request_id, cursor, timeout_s)
         except Exception as e:
@@ -223,7 +269,7 @@ class RankWorker:
         with self._lock:
             role, stage, is_draining = self._role, self._stage, self._is_draining
         return WorkerStats(
-            instance_id=self.instance_id,
+            instance_id=self.unit_id,
             role=role.value,
             is_draining=is_draining,
             num_total_pages=self.engine.cache.allocator.num_pages,
@@ -264,9 +310,9 @@ class RankWorker:
     def _refusal(self, *roles: Role) -> WorkerError | None:
         """Why this worker cannot take new work meant for ``roles`` now (caller holds _lock)."""
         if self._is_draining:
-            return WorkerError(f"{self.instance_id} is draining (changing role); route elsewhere")
+            return WorkerError(f"{self.unit_id} is draining (changing role); route elsewhere")
         if self._role not in roles:
-            return WorkerError(f"{self.instance_id} is a {self._role.value} instance now")
+            return WorkerError(f"{self.unit_id} is a {self._role.value} instance now")
         return None
 
     def _is_idle(self) -> bool:
@@ -287,22 +333,24 @@ class RankWorker:
             self._loop_thread.join()
 
     def _step_forever(self, stage: Stage, stop: threading.Event) -> None:
+        idle_wait_s = 0.01 if self.engine.ep is not None else 0.05
         while not stop.is_set():
             try:
-                did_work = stage.step()
+                # an expert-parallel rank with nothing to run joins the busy ranks' ticks
+                did_work = stage.step() or self.engine.idle_tick()
             except Exception:  # a bug in one step must not kill the instance; log it loudly
-                log.exception("%s: step failed", self.instance_id)
+                log.exception("%s: step failed", self.unit_id)
                 did_work = False
                 time.sleep(0.05)
             if not did_work:
-                stage.wait_for_work(0.05)
+                stage.wait_for_work(idle_wait_s)
 
     def _report_forever(self) -> None:
         while not self._closed.wait(self.config.report_interval_s):
             try:
                 self._report()
             except Exception:  # the scheduler restarting must not kill the reporter
-                log.exception("%s: report failed", self.instance_id)
+                log.exception("%s: report failed", self.unit_id)
 
     def _report(self) -> None:
         stats = self.stats()
@@ -312,7 +360,7 @@ class RankWorker:
         if stats.role in ("prefill", "mixed"):
             self._scheduler.update_prefill.remote(
                 PrefillInstanceState(
-                    self.instance_id,
+                    self.unit_id,
                     stats.num_queued_tokens,
                     stats.prefill_tokens_per_s,
                     frozenset(stats.cached_block_hashes),
@@ -321,7 +369,7 @@ class RankWorker:
         if stats.role in ("decode", "mixed"):
             self._scheduler.update_decode.remote(
                 DecodeInstanceState(
-                    self.instance_id,
+                    self.unit_id,
                     num_free_pages=stats.num_free_pages,
                     num_total_pages=stats.num_total_pages,
                     num_running=stats.num_running,
@@ -336,6 +384,7 @@ class RankWorker:
 def make_rank_worker(
     instance_id: str,
     rank: int,
+    num_ranks: int,
     role: str,
     config: ClusterConfig,
     scheduler: Any,
@@ -344,4 +393,4 @@ def make_rank_worker(
     """Start one rank actor; ``options`` go to ``.options()`` (placement, resources, name)."""
     cls = ray.remote(concurrency_groups={BLOCKING: config.max_concurrency})(RankWorker)
     opts = {"max_concurrency": 32, "max_restarts": 0, **options}
-    return cls.options(**opts).remote(instance_id, rank, role, config, scheduler)
+    return cls.options(**opts).remote(instance_id, rank, num_ranks, role, config, scheduler)

@@ -33,3 +33,29 @@ def test_pools_follow_their_resources(tiny_model_dir):
     # each rank's bundle holds one unit of its pool's resource
     assert result["available"]["pool-prefill"] == 3.0
     assert result["available"]["pool-decode"] == 3.0
+
+
+def test_expert_parallel_instance_spans_two_nodes_and_serves(tiny_model_dir):
+    """One colocated instance of two ranks, one per node: both ranks serve, each a request of
+    its own, with the offline single-rank engine's greedy tokens."""
+    from model.engine import Engine
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("multinode_check.py")), str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (inst,) = result["instances"]
+    assert inst["state"] == "serving" and inst["num_ranks"] == 2
+    assert sorted(inst["node_ids"]) == sorted(result["nodes"])  # a rank on each node
+    from tests.cluster.multinode_check import MAX_TOKENS, PROMPTS
+
+    reference = Engine.load(tiny_model_dir)
+    expected = [reference.generate([p], MAX_TOKENS)[0] for p in PROMPTS]
+    assert [result["outputs"][u] for u in sorted(result["outputs"])] == expected

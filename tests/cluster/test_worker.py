@@ -11,7 +11,8 @@ def worker(ray_session, tiny_model_dir):
 
     config = ServeSettings(model=str(tiny_model_dir), cpus_per_rank=0.25, num_pages=64).to_config()
     scheduler = make_scheduler_actor(config.scheduler)
-    w = make_rank_worker("w0", 0, "prefill", config, scheduler, num_cpus=0.25)
+    w = make_rank_worker("w0", 0, 1, "prefill", config, scheduler, num_cpus=0.25)
+    ray_session.get(w.launch.remote(None))
     yield w
     ray_session.get(w.shutdown.remote())
     ray_session.kill(w)
