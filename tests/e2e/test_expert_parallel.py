@@ -1,0 +1,184 @@
+"""Expert-parallel instances behind the OpenAI API: two ranks per instance over gloo.
+
+Disaggregated, in order: 1P(EP2)+1D(EP2) gives the offline single-rank engine's greedy tokens
+(every prompt through a prefill rank, a rank-to-rank KV transfer and a decode rank); the decode
+pool grows to two EP2 instances; one rank of a decode instance is killed mid-stream: every
+stream completes with the offline tokens (resumed), the instance is replaced as a whole, and the
+pages return to their idle values. Then colocated EP2 gives the same tokens.
+"""
+
+import threading
+
+import httpx
+import pytest
+import ray
+
+from tests.e2e.conftest import MODEL_NAME, deployed, make_prompt, pool_handle, pools, wait_for
+
+APP = "ep"
+EP = {"cpus_per_rank": 0.2, "decode_local_threshold": 0, "num_pages": 160}
+
+
+def _complete(url: str, prompt: list[int], max_tokens: int) -> list[int]:
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={
+            "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True,
+        },
+        timeout=180,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def _serving(url: str, role: str) -> list[dict]:
+    return [i for i in pools(url)["instances"] if i["state"] == "serving" and i["role"] == role]
+
+
+def _assert_idle_pages(url: str) -> None:
+    """Idle: decode ranks hold no pages; prefill and mixed ranks only prefix-cache pages."""
+
+    def settled():
+        snap = pools(url)
+        for inst in snap["instances"]:
+            if len(inst["rank_stats"]) != inst["num_ranks"]:
+                return None
+            for s in inst["rank_stats"]:
+                if s is None:
+                    return None
+                held = 0 if inst["role"] == "decode" else s["num_cached_blocks"]
+                if s["num_used_pages"] != held or s["num_running"] or s["num_queued"]:
+                    return None
+        return snap["scheduler"]["num_active"] == 0 and snap
+
+    wait_for(settled, timeout_s=60, what="every page back and no request active")
+
+
+def _stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
+    import json
+
+    body = {
+        "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "return_token_ids": True, "stream": True,
+    }  # fmt: skip
+    ids: list[int] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=240) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+                continue
+            for c in chunk["choices"]:
+                ids += c.get("token_ids") or []
+                out["finish"] = c.get("finish_reason") or out.get("finish")
+            out["ids"] = list(ids)
+    out["ids"] = ids
+
+
+class TestDisaggregatedEP2:
+    @pytest.fixture(scope="class")
+    def url(self, serve_url, tiny_model_dir):
+        with deployed(
+            serve_url, tiny_model_dir, APP, prefill=1, decode=1, prefill_ranks=2, decode_ranks=2,
+            **EP,
+        ) as u:  # fmt: skip
+            yield u
+
+    def test_every_rank_is_a_unit_and_greedy_tokens_match_offline(self, url, greedy_cases):
+        snap = pools(url)
+        assert sorted((i["role"], i["num_ranks"]) for i in snap["instances"]) == [
+            ("decode", 2),
+            ("prefill", 2),
+        ]
+        units = pool_handle(APP).handles.remote().result()
+        assert len(units) == 4  # the scheduler routes to ranks
+        # concurrent requests so both ranks of each instance work (and idle ranks tick)
+        outs: dict[int, list[int]] = {}
+        threads = [
+            threading.Thread(
+                target=lambda i=i, p=p, n=len(e): outs.update({i: _complete(url, p, n)})
+            )
+            for i, (p, e) in enumerate(greedy_cases)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [outs[i] for i in range(len(greedy_cases))] == [e for _, e in greedy_cases]
+        work = {
+            (i["role"], r): s["num_prompt_tokens"] + s["num_generated_tokens"]
+            for i in pools(url)["instances"]
+            for r, s in enumerate(i["rank_stats"])
+        }
+        assert sum(n > 0 for n in work.values()) >= 3, work  # requests landed on several ranks
+        _assert_idle_pages(url)
+
+    def test_grow_then_kill_a_decode_rank_mid_stream(self, url, reference_engine):
+        r = httpx.post(f"{url}/admin/pools", json={"decode": 2}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert len(_serving(url, "decode")) == 2
+        n = 200
+        prompts = [make_prompt(9, 500 + k) for k in range(3)]
+        expected = [reference_engine.generate([p], n)[0] for p in prompts]
+        outs = [{} for _ in prompts]
+        threads = [
+            threading.Thread(target=_stream, args=(url, p, n, o))
+            for p, o in zip(prompts, outs, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        wait_for(lambda: all(len(o.get("ids", [])) >= 5 for o in outs), what="every stream started")
+        victim = next(
+            (i["instance_id"], r)
+            for i in _serving(url, "decode")
+            for r, s in enumerate(i["rank_stats"])
+            if s and s["num_running"]
+        )
+        handles = pool_handle(APP).handles.remote().result()
+        ray.kill(handles[f"{victim[0]}.r{victim[1]}"], no_restart=True)
+        for t in threads:
+            t.join()
+        for o, e in zip(outs, expected, strict=True):
+            assert "error" not in o, o.get("error")
+            assert o["ids"] == e and o["finish"] == "length"
+        healed = wait_for(
+            lambda: (
+                (s := _serving(url, "decode"))
+                and len(s) == 2
+                and victim[0] not in [i["instance_id"] for i in s]
+                and s
+            ),
+            timeout_s=180,
+            what="a replacement decode instance",
+        )
+        assert all(i["num_ranks"] == 2 for i in healed)
+        assert pools(url)["num_replaced"] >= 1
+        _assert_idle_pages(url)
+
+
+class TestColocatedEP2:
+    @pytest.fixture(scope="class")
+    def url(self, serve_url, tiny_model_dir):
+        with deployed(
+            serve_url, tiny_model_dir, APP + "-mixed", colocated=1, colocated_ranks=2, **EP
+        ) as u:
+            yield u
+
+    def test_greedy_tokens_match_offline(self, url, greedy_cases):
+        outs: dict[int, list[int]] = {}
+        threads = [
+            threading.Thread(
+                target=lambda i=i, p=p, n=len(e): outs.update({i: _complete(url, p, n)})
+            )
+            for i, (p, e) in enumerate(greedy_cases)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [outs[i] for i in range(len(greedy_cases))] == [e for _, e in greedy_cases]
+        _assert_idle_pages(url)
