@@ -1,6 +1,7 @@
 """Engine benchmark: tidal's prefill and decode beside HF transformers on the same weights.
 
     python bench/engine.py [--quick] --json PATH [--model-dir .models/k2-small]
+    python bench/engine.py --ep 2 [--quick] --json PATH   # expert parallelism, bench/engine_ep.py
 
 Runs on the ``k2-small`` preset (generated into ``--model-dir`` if absent), bf16 latent KV
 cache, weights and activations in ``--dtype`` for both sides: ``auto`` (default) measures fp32
@@ -262,6 +263,13 @@ def main() -> None:
     )
     ap.add_argument("--chunk-size", type=int, default=4096)
     ap.add_argument(
+        "--ep",
+        type=int,
+        default=0,
+        help="instead: N expert-parallel rank processes (1 thread each) beside one process of "
+        "N threads, decode b=32 and 4K prefill (bench/engine_ep.py)",
+    )
+    ap.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
@@ -283,6 +291,11 @@ def main() -> None:
     flops_by_dtype = {name: gemm_flops(c, dt) for name, dt in DTYPES.items()}
     name = max(flops_by_dtype, key=flops_by_dtype.get) if args.dtype == "auto" else args.dtype
     dtype, flops = DTYPES[name], flops_by_dtype[name]
+    if args.ep:
+        from bench.engine_ep import compare_ep
+
+        compare_ep(args.model_dir, args.ep, name, args.chunk_size, args.quick, args.json)
+        return
     bw = copy_bandwidth()
     print(
         "machine: GEMM "

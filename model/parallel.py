@@ -15,10 +15,16 @@ step never waits on another rank's Python-side bookkeeping.
 
 The model code receives an ``ExpertParallel`` object, never a module global, and knows no Ray:
 the cluster publishes rank 0's rendezvous address and calls ``ExpertParallel.join``.
+
+``comm_seconds`` / ``tick_seconds`` accumulate the wall time spent in the all-to-alls and in the
+tick all-reduces (``reset_timers`` zeroes them), waiting for a slower peer included. The timing
+is host-side: exact on gloo/CPU; on CUDA the collectives are asynchronous, so it counts launch
+time and whatever the host waits for (time device work with CUDA events there).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -45,6 +51,8 @@ class ExpertParallel:
     rank: int
     num_ranks: int
     num_experts: int
+    comm_seconds: float = 0.0  # in dispatch/combine all-to-alls since the last reset_timers
+    tick_seconds: float = 0.0  # in tick all-reduces since the last reset_timers
 
     @classmethod
     def join(
@@ -67,6 +75,10 @@ class ExpertParallel:
         )
         return cls(rank, num_ranks, num_experts)
 
+    def reset_timers(self) -> None:
+        self.comm_seconds = 0.0
+        self.tick_seconds = 0.0
+
     @property
     def local_experts(self) -> list[int]:
         return experts_of_rank(self.rank, self.num_ranks, self.num_experts)
@@ -78,7 +90,9 @@ class ExpertParallel:
     def tick(self, has_work: bool) -> bool:
         """Start a lockstep tick; True if any rank runs a forward in it."""
         flag = torch.tensor([int(has_work)], dtype=torch.int64)
+        start = time.perf_counter()
         dist.all_reduce(flag)
+        self.tick_seconds += time.perf_counter() - start
         return bool(flag.item())
 
     def dispatch(
@@ -88,13 +102,13 @@ class ExpertParallel:
         ``send_counts`` [R] rows per rank); returns what this rank received: rows [A', H],
         expert ids [A'] and the rows per source rank."""
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts)
+        self._all_to_all(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
         wire_dtype = _wire_dtype(rows.dtype)
         recv_rows = torch.empty(sum(recv), rows.shape[1], dtype=wire_dtype)
-        dist.all_to_all_single(recv_rows, rows.to(wire_dtype).contiguous(), recv, send)
+        self._all_to_all(recv_rows, rows.to(wire_dtype).contiguous(), recv, send)
         recv_ids = torch.empty(sum(recv), dtype=torch.int64)
-        dist.all_to_all_single(recv_ids, expert_ids.contiguous(), recv, send)
+        self._all_to_all(recv_ids, expert_ids.contiguous(), recv, send)
         return recv_rows.to(rows.dtype), recv_ids, recv
 
     def combine(
@@ -105,8 +119,19 @@ class ExpertParallel:
         send = send_counts.tolist()
         wire_dtype = _wire_dtype(results.dtype)
         out = torch.empty(sum(send), results.shape[1], dtype=wire_dtype)
-        dist.all_to_all_single(out, results.to(wire_dtype).contiguous(), send, recv_counts)
+        self._all_to_all(out, results.to(wire_dtype).contiguous(), send, recv_counts)
         return out.to(results.dtype)
+
+    def _all_to_all(
+        self,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        out_splits: list[int] | None = None,
+        in_splits: list[int] | None = None,
+    ) -> None:
+        start = time.perf_counter()
+        dist.all_to_all_single(out, inp, out_splits, in_splits)
+        self.comm_seconds += time.perf_counter() - start
 
 
 def _wire_dtype(dtype: torch.dtype) -> torch.dtype:

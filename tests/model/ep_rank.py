@@ -54,6 +54,7 @@ def main() -> None:
     results["seeded"] = engine.generate(prompts, 6, SamplingParams(temperature=0.8, seed=3))
     drain(engine)
     results["counts"] = {i: c.clone() for i, c in engine.expert_counts.items()}
+    results["timers"] = (ep.comm_seconds, ep.tick_seconds)
     torch.save(results, out)
 
 

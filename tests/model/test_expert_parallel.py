@@ -90,3 +90,5 @@ def test_two_ranks_match_one_rank(preset_dir, request, tmp_path):
     # each rank counts the routing of its own tokens, over every global expert
     for r in ranks:
         assert all(c.numel() == num_experts and c.sum() > 0 for c in r["counts"].values())
+    # the collectives' timers ran (seconds in all-to-alls, in tick all-reduces)
+    assert all(comm > 0 and tick > 0 for comm, tick in (r["timers"] for r in ranks))
