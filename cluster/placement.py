@@ -65,9 +65,7 @@ async def create_instance_group(
     return pg
 
 
-def rank_options(
-    pg: PlacementGroup, pool: PoolConfig, rank: int, has_gpus: bool
-) -> dict[str, Any]:
+def rank_options(pg: PlacementGroup, pool: PoolConfig, rank: int, has_gpus: bool) -> dict[str, Any]:
     """Actor options that put ``rank`` into its node's bundle with one rank's resources."""
     resources = pool.resources.bundle(has_gpus)
     custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
