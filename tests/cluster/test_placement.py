@@ -12,10 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_pools_follow_their_resources(tiny_model_dir):
+def _run_check(script: str, model_dir: Path) -> dict:
+    """Run a check script of this folder in its own process; its last stdout line, as JSON."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("placement_check.py")), str(tiny_model_dir)],
+        [sys.executable, str(Path(__file__).with_name(script)), str(model_dir)],
         capture_output=True,
         text=True,
         timeout=240,
@@ -23,7 +24,11 @@ def test_pools_follow_their_resources(tiny_model_dir):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_pools_follow_their_resources(tiny_model_dir):
+    result = _run_check("placement_check.py", tiny_model_dir)
     by_role: dict[str, list[list[str]]] = {}
     for inst in result["instances"]:
         assert inst["state"] == "serving"
@@ -40,17 +45,7 @@ def test_expert_parallel_instance_spans_two_nodes_and_serves(tiny_model_dir):
     its own, with the offline single-rank engine's greedy tokens."""
     from model.engine import Engine
 
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("multinode_check.py")), str(tiny_model_dir)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _run_check("multinode_check.py", tiny_model_dir)
     (inst,) = result["instances"]
     assert inst["state"] == "serving" and inst["num_ranks"] == 2
     assert sorted(inst["node_ids"]) == sorted(result["nodes"])  # a rank on each node

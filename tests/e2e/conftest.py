@@ -188,3 +188,61 @@ def client_factory():
         return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     return make
+
+
+# ---- raw HTTP helpers (no client library in the way) -----------------------------------------
+def http_complete(url: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """A greedy completion of token ids over plain HTTP; the generated token ids."""
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={
+            "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True,
+        },
+        timeout=180,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def http_complete_all(url: str, cases: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+    """Every (prompt, expected) case's greedy completion, all sent at once; outputs in order."""
+    import threading
+
+    outs: dict[int, list[int]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda i=i, p=p, n=len(e): outs.update({i: http_complete(url, p, n)})
+        )
+        for i, (p, e) in enumerate(cases)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [outs.get(i) for i in range(len(cases))]
+
+
+def http_stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
+    """Stream a greedy completion into ``out``: status, ids (as they arrive), finish, error."""
+    import json
+
+    body = {
+        "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "return_token_ids": True, "stream": True,
+    }  # fmt: skip
+    ids: list[int] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=240) as r:
+        out["status"] = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+                continue
+            for choice in chunk["choices"]:
+                ids += choice.get("token_ids") or []
+                out["finish"] = choice.get("finish_reason") or out.get("finish")
+            out["ids"] = list(ids)
+    out["ids"] = ids

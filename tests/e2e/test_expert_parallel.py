@@ -13,23 +13,18 @@ import httpx
 import pytest
 import ray
 
-from tests.e2e.conftest import MODEL_NAME, deployed, make_prompt, pool_handle, pools, wait_for
+from tests.e2e.conftest import (
+    deployed,
+    http_complete_all,
+    http_stream,
+    make_prompt,
+    pool_handle,
+    pools,
+    wait_for,
+)
 
 APP = "ep"
 EP = {"cpus_per_rank": 0.2, "decode_local_threshold": 0, "num_pages": 160}
-
-
-def _complete(url: str, prompt: list[int], max_tokens: int) -> list[int]:
-    r = httpx.post(
-        f"{url}/v1/completions",
-        json={
-            "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True,
-        },
-        timeout=180,
-    )  # fmt: skip
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["token_ids"]
 
 
 def _serving(url: str, role: str) -> list[dict]:
@@ -55,30 +50,6 @@ def _assert_idle_pages(url: str) -> None:
     wait_for(settled, timeout_s=60, what="every page back and no request active")
 
 
-def _stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
-    import json
-
-    body = {
-        "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "return_token_ids": True, "stream": True,
-    }  # fmt: skip
-    ids: list[int] = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=240) as r:
-        out["status"] = r.status_code
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                out["error"] = chunk["error"]
-                continue
-            for c in chunk["choices"]:
-                ids += c.get("token_ids") or []
-                out["finish"] = c.get("finish_reason") or out.get("finish")
-            out["ids"] = list(ids)
-    out["ids"] = ids
-
-
 class TestDisaggregatedEP2:
     @pytest.fixture(scope="class")
     def url(self, serve_url, tiny_model_dir):
@@ -96,19 +67,8 @@ class TestDisaggregatedEP2:
         ]
         units = pool_handle(APP).handles.remote().result()
         assert len(units) == 4  # the scheduler routes to ranks
-        # concurrent requests so both ranks of each instance work (and idle ranks tick)
-        outs: dict[int, list[int]] = {}
-        threads = [
-            threading.Thread(
-                target=lambda i=i, p=p, n=len(e): outs.update({i: _complete(url, p, n)})
-            )
-            for i, (p, e) in enumerate(greedy_cases)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert [outs[i] for i in range(len(greedy_cases))] == [e for _, e in greedy_cases]
+        outs = http_complete_all(url, greedy_cases)  # all at once: several ranks work
+        assert outs == [e for _, e in greedy_cases]
         work = {
             (i["role"], r): s["num_prompt_tokens"] + s["num_generated_tokens"]
             for i in pools(url)["instances"]
@@ -126,7 +86,7 @@ class TestDisaggregatedEP2:
         expected = [reference_engine.generate([p], n)[0] for p in prompts]
         outs = [{} for _ in prompts]
         threads = [
-            threading.Thread(target=_stream, args=(url, p, n, o))
+            threading.Thread(target=http_stream, args=(url, p, n, o))
             for p, o in zip(prompts, outs, strict=True)
         ]
         for t in threads:
@@ -169,16 +129,6 @@ class TestColocatedEP2:
             yield u
 
     def test_greedy_tokens_match_offline(self, url, greedy_cases):
-        outs: dict[int, list[int]] = {}
-        threads = [
-            threading.Thread(
-                target=lambda i=i, p=p, n=len(e): outs.update({i: _complete(url, p, n)})
-            )
-            for i, (p, e) in enumerate(greedy_cases)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert [outs[i] for i in range(len(greedy_cases))] == [e for _, e in greedy_cases]
+        outs = http_complete_all(url, greedy_cases)  # all at once: several ranks work
+        assert outs == [e for _, e in greedy_cases]
         _assert_idle_pages(url)

@@ -14,8 +14,9 @@ import ray
 
 from tests.e2e.conftest import (
     LONG_PROMPT_LEN,
-    MODEL_NAME,
     deployed,
+    http_complete,
+    http_stream,
     make_prompt,
     pool_handle,
     pools,
@@ -29,19 +30,6 @@ APP = "live"
 def url(serve_url, tiny_model_dir):
     with deployed(serve_url, tiny_model_dir, APP, prefill=1, decode=1) as u:
         yield u
-
-
-def _complete(url: str, prompt: list[int], max_tokens: int) -> list[int]:
-    r = httpx.post(
-        f"{url}/v1/completions",
-        json={
-            "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True,
-        },
-        timeout=180,
-    )  # fmt: skip
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["token_ids"]
 
 
 def _serving(url: str) -> dict[str, list[str]]:
@@ -85,7 +73,7 @@ def test_grow_and_move_while_requests_flow(url, reference_engine):
         i = k
         while not stop.is_set():
             try:
-                got = _complete(url, prompts[i % len(prompts)], 6)
+                got = http_complete(url, prompts[i % len(prompts)], 6)
                 if got != expected[i % len(prompts)]:
                     failures.append(f"wrong tokens for prompt {i % len(prompts)}")
                 done[0] += 1
@@ -118,30 +106,6 @@ def test_grow_and_move_while_requests_flow(url, reference_engine):
     _assert_no_leaks(url)
 
 
-def _stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
-    body = {
-        "model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": True, "return_token_ids": True, "stream": True,
-    }  # fmt: skip
-    import json
-
-    ids: list[int] = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=180) as r:
-        out["status"] = r.status_code
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                out["error"] = chunk["error"]
-                continue
-            for c in chunk["choices"]:
-                ids += c.get("token_ids") or []
-                out["finish"] = c.get("finish_reason") or out.get("finish")
-            out["ids"] = list(ids)
-    out["ids"] = ids
-
-
 def test_decode_killed_mid_stream_resumes(url, reference_engine):
     assert len(_serving(url)["decode"]) == 2
     n = 300
@@ -149,7 +113,7 @@ def test_decode_killed_mid_stream_resumes(url, reference_engine):
     expected = [reference_engine.generate([p], n)[0] for p in prompts]
     outs = [{}, {}]
     threads = [
-        threading.Thread(target=_stream, args=(url, p, n, o))
+        threading.Thread(target=http_stream, args=(url, p, n, o))
         for p, o in zip(prompts, outs, strict=True)
     ]
     threads[0].start()
@@ -185,7 +149,7 @@ def test_prefill_killed_mid_prefill_is_rerouted(url, greedy_cases):
     (victim,) = _serving(url)["prefill"]
     out: dict = {}
     t = threading.Thread(
-        target=lambda: out.update(ids=_complete(url, prompt, len(expected))), daemon=True
+        target=lambda: out.update(ids=http_complete(url, prompt, len(expected))), daemon=True
     )
     t.start()
     wait_for(
