@@ -1,0 +1,275 @@
+"""EPLB benchmark: tidal's incremental planner beside a from-scratch DeepSeek-style planner.
+
+    python bench/eplb.py [--quick] --json PATH
+
+Part 1, synthetic (no torch, no Ray): Kimi-K2's shape, 60 MoE layers x 384 experts, top-8
+routing, ``TOKENS`` tokens per window (8 assignments each). Expert popularity per layer is Zipf
+or log-normal over a random order of the experts, and drifts between windows (the log
+popularity takes an AR(1) step), so a plan made on window t is judged on window t+1, as a
+serving system would use it. Layouts: 384+32 and 384+64 slots on 4 nodes x 8 ranks, 384+32 on
+2 nodes x 8 ranks.
+
+For each window t both planners see window t's counts and their own placement from t-1:
+- ours: ``scheduler.eplb.rebalance(..., previous, max_moved=20% of slots)``;
+- baseline: the from-scratch planner DeepSeek describes for EPLB, written here from that
+  description: replicate the expert with the highest load per replica until the slots are full,
+  then pack replicas heaviest first onto the least loaded rank with a free slot; hierarchical
+  (expert groups packed onto nodes first) when the groups divide evenly over the nodes, else
+  global. K2 has one expert group (``n_group=1``), so the global form applies. Its output is
+  given the benefit of slot alignment: an expert that stays on a rank keeps its old slot, so
+  only real weight loads count as moved.
+
+Figures: balancedness (mean / max rank load, even split over replicas) on window t+1, the
+fraction of slots whose expert changed per rebalance, plan time. Part 2 (a live
+expert-parallel instance) adds its own section to the same JSON; see ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scheduler.eplb import balancedness, moved_slots, rebalance  # noqa: E402
+
+NUM_LAYERS, NUM_EXPERTS, TOP_K = 60, 384, 8
+TOKENS = 8192  # per window; TOKENS * TOP_K expert assignments per layer
+LAYOUTS = {  # name: (num_slots, num_nodes, num_ranks)
+    "384+32 slots, 4x8 ranks": (416, 4, 32),
+    "384+64 slots, 4x8 ranks": (448, 4, 32),
+    "384+32 slots, 2x8 ranks": (416, 2, 16),
+}
+DISTRIBUTIONS = ("zipf", "lognormal")
+ZIPF_S, LOGNORMAL_SIGMA = 0.8, 1.0
+DRIFT_RHO, DRIFT_SIGMA = 0.9, 0.5  # AR(1) on log popularity: ~0.22 std change per window
+MOVED_TARGET = 0.2
+
+
+# ---- synthetic loads ----------------------------------------------------------------------------
+def expert_loads(dist: str, seed: int, num_windows: int):
+    """Token counts per window, each [NUM_LAYERS, NUM_EXPERTS], drifting between windows."""
+    rng = np.random.default_rng(seed)
+    if dist == "zipf":
+        ranks = np.argsort(rng.random((NUM_LAYERS, NUM_EXPERTS)), axis=1) + 1
+        base = -ZIPF_S * np.log(ranks)
+    else:
+        base = rng.normal(0.0, LOGNORMAL_SIGMA, (NUM_LAYERS, NUM_EXPERTS))
+    drift = np.zeros_like(base)
+    for _ in range(num_windows):
+        step = rng.normal(0.0, DRIFT_SIGMA * np.sqrt(1 - DRIFT_RHO**2), base.shape)
+        drift = DRIFT_RHO * drift + step
+        popularity = np.exp(base + drift)
+        # An expert can take at most one of a token's TOP_K picks.
+        share = np.minimum(popularity / popularity.sum(axis=1, keepdims=True), 1 / TOP_K)
+        share /= share.sum(axis=1, keepdims=True)
+        yield rng.multinomial(TOKENS * TOP_K, share).astype(np.float64)
+
+
+# ---- baseline: from-scratch replicate-then-pack -------------------------------------------------
+def _replicate(load: np.ndarray, num_slots: int) -> np.ndarray:
+    """Replicas per expert, [L, E]: each extra slot to the highest load per replica."""
+    counts = np.ones(load.shape, dtype=np.int64)
+    layers = np.arange(load.shape[0])
+    for _ in range(num_slots - load.shape[1]):
+        counts[layers, np.argmax(load / counts, axis=1)] += 1
+    return counts
+
+
+def _balanced_pack(weight: np.ndarray, num_packs: int) -> np.ndarray:
+    """Pack index per item, [L, n]: heaviest first to the least loaded pack that has room
+    (every pack takes n / num_packs items)."""
+    num_layers, num_items = weight.shape
+    capacity = num_items // num_packs
+    layers = np.arange(num_layers)
+    pack_load = np.zeros((num_layers, num_packs))
+    pack_used = np.zeros((num_layers, num_packs), dtype=np.int64)
+    out = np.empty((num_layers, num_items), dtype=np.int64)
+    for item in np.argsort(-weight, axis=1, kind="stable").T:
+        choice = np.argmin(np.where(pack_used < capacity, pack_load, np.inf), axis=1)
+        out[layers, item] = choice
+        pack_load[layers, choice] += weight[layers, item]
+        pack_used[layers, choice] += 1
+    return out
+
+
+def _replicate_and_pack(load: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
+    """Global policy: placement [L, num_slots], rank by rank."""
+    counts = _replicate(load, num_slots)
+    replicas = np.stack([np.repeat(np.arange(load.shape[1]), c) for c in counts])  # [L, S]
+    rank = _balanced_pack(np.take_along_axis(load / counts, replicas, axis=1), num_ranks)
+    return np.take_along_axis(replicas, np.argsort(rank, axis=1, kind="stable"), axis=1)
+
+
+def baseline_plan(load, num_slots, num_nodes, num_ranks, num_groups: int = 1) -> np.ndarray:
+    """From-scratch placement [L, num_slots]; hierarchical when groups divide over nodes."""
+    num_layers, num_experts = load.shape
+    if num_nodes == 1 or num_groups % num_nodes:
+        return _replicate_and_pack(load, num_slots, num_ranks)
+    # Groups (contiguous experts) onto nodes, balancing group load; then per node: replicate
+    # its experts into the node's slots and pack them onto the node's ranks.
+    group_size = num_experts // num_groups
+    group_load = load.reshape(num_layers, num_groups, group_size).sum(axis=2)
+    node_of_group = _balanced_pack(group_load, num_nodes)
+    placement = np.empty((num_layers, num_slots), dtype=np.int64)
+    per_node = num_slots // num_nodes
+    for layer in range(num_layers):
+        for node in range(num_nodes):
+            groups = np.flatnonzero(node_of_group[layer] == node)
+            experts = (groups[:, None] * group_size + np.arange(group_size)).ravel()
+            local = _replicate_and_pack(
+                load[layer : layer + 1, experts], per_node, num_ranks // num_nodes
+            )
+            placement[layer, node * per_node : (node + 1) * per_node] = experts[local[0]]
+    return placement
+
+
+def align_slots(previous: np.ndarray, placement: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``placement`` with each rank's slots reordered so an expert it already held keeps its
+    slot: the same experts per rank, only slot indices change."""
+    num_layers, num_slots = placement.shape
+    per_rank = num_slots // num_ranks
+    out = placement.copy()
+    for layer in range(num_layers):
+        for rank in range(num_ranks):
+            old = list(previous[layer, rank * per_rank : (rank + 1) * per_rank])
+            new = list(placement[layer, rank * per_rank : (rank + 1) * per_rank])
+            slots: list[int | None] = [None] * per_rank
+            for i, expert in enumerate(old):
+                if expert in new:
+                    new.remove(expert)
+                    slots[i] = expert
+            rest = iter(new)
+            out[layer, rank * per_rank : (rank + 1) * per_rank] = [
+                e if e is not None else next(rest) for e in slots
+            ]
+    return out
+
+
+# ---- part 1: synthetic windows ------------------------------------------------------------------
+def run_case(layout: tuple[int, int, int], dist: str, seed: int, num_windows: int) -> dict:
+    """Both planners over one drifting load sequence; figures averaged over its rebalances."""
+    num_slots, num_nodes, num_ranks = layout
+    max_moved = int(MOVED_TARGET * num_slots)
+    loads = list(expert_loads(dist, seed, num_windows))
+    figures = {k: {"ours": [], "baseline": []} for k in ("next", "same", "moved", "ms")}
+    figures["next"]["static"] = []
+    ours = base = first = None
+    for now, upcoming in zip(loads, loads[1:], strict=False):
+        start = time.perf_counter()
+        plan = rebalance(
+            now, num_slots, num_nodes, num_ranks, ours, None if ours is None else max_moved
+        )
+        figures["ms"]["ours"].append(1e3 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        base_plan = baseline_plan(now, num_slots, num_nodes, num_ranks)
+        figures["ms"]["baseline"].append(1e3 * (time.perf_counter() - start))
+        if base is not None:
+            base_plan = align_slots(base, base_plan, num_ranks)
+            figures["moved"]["ours"].append(moved_slots(ours, plan).mean() / num_slots)
+            figures["moved"]["baseline"].append(moved_slots(base, base_plan).mean() / num_slots)
+        first = plan if first is None else first
+        ours, base = plan, base_plan
+        for name, placement in (("ours", ours), ("baseline", base)):
+            figures["next"][name].append(balancedness(upcoming, placement, num_ranks).mean())
+            figures["same"][name].append(balancedness(now, placement, num_ranks).mean())
+        figures["next"]["static"].append(balancedness(upcoming, first, num_ranks).mean())
+    return {k: {n: float(np.mean(v)) for n, v in d.items()} for k, d in figures.items()}
+
+
+def _mean(cases: list[dict], key: str, name: str) -> float:
+    return float(np.mean([c[key][name] for c in cases]))
+
+
+def part1_synthetic(quick: bool) -> dict:
+    num_windows, seeds = (5, (0,)) if quick else (12, (0, 1, 2))
+    rows, by_layout, all_cases = [], {}, []
+    for layout_name, layout in LAYOUTS.items():
+        by_layout[layout_name] = {}
+        for dist in DISTRIBUTIONS:
+            cases = [run_case(layout, dist, seed, num_windows) for seed in seeds]
+            all_cases += cases
+            summary = {
+                "next_window_balancedness": {
+                    n: _mean(cases, "next", n) for n in ("ours", "baseline", "static")
+                },
+                "same_window_balancedness": {
+                    n: _mean(cases, "same", n) for n in ("ours", "baseline")
+                },
+                "moved_fraction": {n: _mean(cases, "moved", n) for n in ("ours", "baseline")},
+                "plan_ms": {n: _mean(cases, "ms", n) for n in ("ours", "baseline")},
+            }
+            by_layout[layout_name][dist] = summary
+            rows.append((layout_name, dist, summary))
+    _print_table(rows)
+    result = {
+        "next_window_balancedness": {n: _mean(all_cases, "next", n) for n in ("ours", "baseline")},
+        "moved_fraction": {n: _mean(all_cases, "moved", n) for n in ("ours", "baseline")},
+        "plan_ms": {n: _mean(all_cases, "ms", n) for n in ("ours", "baseline")},
+        "by_layout": by_layout,
+        "setup": {
+            "layers": NUM_LAYERS,
+            "experts": NUM_EXPERTS,
+            "top_k": TOP_K,
+            "tokens_per_window": TOKENS,
+            "windows": num_windows,
+            "seeds": list(seeds),
+            "zipf_s": ZIPF_S,
+            "lognormal_sigma": LOGNORMAL_SIGMA,
+            "drift_rho": DRIFT_RHO,
+            "drift_sigma": DRIFT_SIGMA,
+            "max_moved_fraction": MOVED_TARGET,
+            "layouts": {
+                k: dict(zip(("num_slots", "num_nodes", "num_ranks"), v, strict=True))
+                for k, v in LAYOUTS.items()
+            },
+        },
+    }
+    result["targets_met"] = {
+        "balancedness_ge_baseline": result["next_window_balancedness"]["ours"]
+        >= result["next_window_balancedness"]["baseline"],
+        "moved_fraction_le_0.2": result["moved_fraction"]["ours"] <= MOVED_TARGET,
+    }
+    result["targets_met"]["all"] = all(result["targets_met"].values())
+    return result
+
+
+def _print_table(rows) -> None:
+    head = f"{'layout':<24} {'dist':<9} {'bal next ours/base':>19} {'ratio':>6} {'static':>7} {'moved ours/base':>16} {'plan ms ours/base':>18}"
+    print(head)
+    print("-" * len(head))
+    for layout_name, dist, s in rows:
+        nb, mv, ms = s["next_window_balancedness"], s["moved_fraction"], s["plan_ms"]
+        print(
+            f"{layout_name:<24} {dist:<9} {nb['ours']:>9.4f}/{nb['baseline']:.4f} "
+            f"{nb['ours'] / nb['baseline']:>6.3f} {nb['static']:>7.4f} "
+            f"{mv['ours']:>7.3f}/{mv['baseline']:.3f} {ms['ours']:>9.0f}/{ms['baseline']:.0f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 5 windows")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    args = parser.parse_args()
+    result = {"part1_synthetic": part1_synthetic(args.quick)}
+    # Part 2 (a live expert-parallel instance) goes here: run it and add its figures as
+    # result["part2_live"]; the part 1 keys above stay as they are.
+    s = result["part1_synthetic"]
+    print(
+        f"\nmean next-window balancedness ours {s['next_window_balancedness']['ours']:.4f} vs "
+        f"baseline {s['next_window_balancedness']['baseline']:.4f}; moved ours "
+        f"{s['moved_fraction']['ours']:.3f} vs baseline {s['moved_fraction']['baseline']:.3f}; "
+        f"targets met: {s['targets_met']}"
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""EPLB planner: which logical expert each physical expert slot holds, per MoE layer.
+
+Pure numpy on token counts, so the runtime, the simulator and the tests share it unchanged.
+
+Vocabulary (shapes): ``load[L, E]`` tokens routed to each logical expert in a window;
+``placement[L, S]`` int64 logical expert id of each of the ``S = num_slots`` slots. Slot ``s``
+lives on rank ``s // (S // num_ranks)``; ranks are numbered node by node, so rank ``r`` is on
+node ``r // (num_ranks // num_nodes)``. Planning assumes an expert's load splits evenly over its
+replicas (at run time a token prefers a local replica; the even split is the planning model).
+
+``rebalance`` without ``previous`` plans from scratch: (1) replicate the hottest experts, (2)
+pack replicas onto nodes then onto ranks within each node, heaviest first, (3) improve by local
+moves. With ``previous`` it runs only step 3 from the previous placement, changing at most
+``max_moved`` slots per layer, so ranks reload few expert weights per rebalance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_NUM_CHEAP_SOURCES = 16  # replicas of over-replicated cold experts tried as re-point sources
+_NUM_HOT_TARGETS = 24  # experts with the largest gain from one more replica tried as targets
+_REL_TOL = 1e-9  # a move must lower the max rank load by more than this fraction
+
+
+def rank_loads(load: np.ndarray, placement: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Tokens each rank serves, [L, num_ranks], with each expert's load split evenly over replicas."""
+    load = np.asarray(load, dtype=np.float64)
+    per_replica = load / _replica_counts(placement, load.shape[1])
+    per_slot = np.take_along_axis(per_replica, placement, axis=1)
+    return per_slot.reshape(placement.shape[0], num_ranks, -1).sum(axis=2)
+
+
+def balancedness(load: np.ndarray, placement: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Mean rank load / max rank load per layer, [L], in (0, 1]; 1 for a layer with no load."""
+    loads = rank_loads(load, placement, num_ranks)
+    peak = loads.max(axis=1)
+    return np.where(peak > 0, loads.mean(axis=1) / np.where(peak > 0, peak, 1.0), 1.0)
+
+
+def moved_slots(previous: np.ndarray, placement: np.ndarray) -> np.ndarray:
+    """Slots per layer whose logical expert changed, [L] int64 (each means one weight load)."""
+    return (np.asarray(previous) != np.asarray(placement)).sum(axis=1)
+
+
+def rebalance(
+    load: np.ndarray,
+    num_slots: int,
+    num_nodes: int,
+    num_ranks: int,
+    previous: np.ndarray | None = None,
+    max_moved: int | None = None,
+) -> np.ndarray:
+    """Placement [L, num_slots] (int64 logical expert ids) balancing ``load`` [L, E] over ranks.
+
+    Every expert keeps at least one replica. With ``previous`` [L, num_slots], start from it and
+    change at most ``max_moved`` slots per layer (None: no limit); a placement no single move
+    improves is returned unchanged. Raises ValueError on shapes that cannot be served.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    _check_shape(load, num_slots, num_nodes, num_ranks, max_moved)
+    slots_per_rank = num_slots // num_ranks
+    if previous is None:
+        if max_moved is not None:
+            raise ValueError("max_moved limits changes to a previous placement: pass previous")
+        placement = _plan_from_scratch(load, num_slots, num_nodes, num_ranks)
+        return _improve(load, placement, placement.copy(), slots_per_rank, budget=num_slots)
+    previous = _check_previous(previous, load, num_slots)
+    budget = num_slots if max_moved is None else max_moved
+    return _improve(load, previous.copy(), previous, slots_per_rank, budget)
+
+
+def _check_shape(load, num_slots, num_nodes, num_ranks, max_moved) -> None:
+    if load.ndim != 2 or load.shape[1] == 0:
+        raise ValueError(f"load must be [layers, experts] token counts, got shape {load.shape}")
+    if not np.isfinite(load).all() or (load < 0).any():
+        raise ValueError("load must hold finite, non-negative token counts")
+    num_experts = load.shape[1]
+    if num_ranks < 1 or num_nodes < 1 or num_ranks % num_nodes:
+        raise ValueError(
+            f"num_ranks ({num_ranks}) must be a positive multiple of num_nodes ({num_nodes}): "
+            "every node holds the same number of ranks"
+        )
+    if num_slots < num_experts:
+        raise ValueError(
+            f"num_slots ({num_slots}) < experts ({num_experts}): every expert needs a slot; "
+            f"use at least {num_experts} slots"
+        )
+    if num_slots % num_ranks:
+        raise ValueError(
+            f"num_slots ({num_slots}) is not a multiple of num_ranks ({num_ranks}): every rank "
+            f"holds the same number of slots, e.g. {-(-num_slots // num_ranks) * num_ranks}"
+        )
+    if max_moved is not None and max_moved < 0:
+        raise ValueError(f"max_moved must be >= 0 slots per layer, got {max_moved}")
+
+
+def _check_previous(previous, load: np.ndarray, num_slots: int) -> np.ndarray:
+    previous = np.asarray(previous)
+    num_layers, num_experts = load.shape
+    if previous.shape != (num_layers, num_slots):
+        raise ValueError(
+            f"previous placement has shape {previous.shape}, expected [layers, num_slots] = "
+            f"{(num_layers, num_slots)}: pass the placement returned for this model and layout"
+        )
+    if not np.issubdtype(previous.dtype, np.integer):
+        raise ValueError(f"previous placement must hold integer expert ids, got {previous.dtype}")
+    if previous.min() < 0 or previous.max() >= num_experts:
+        raise ValueError(f"previous placement has expert ids outside [0, {num_experts})")
+    missing = (_replica_counts(previous, num_experts) == 0).any(axis=1)
+    if missing.any():
+        raise ValueError(
+            f"previous placement leaves some experts without a replica in layers "
+            f"{np.flatnonzero(missing)[:8].tolist()}: every expert needs a slot"
+        )
+    return previous.astype(np.int64)
+
+
+def _replica_counts(placement: np.ndarray, num_experts: int) -> np.ndarray:
+    """Replicas per logical expert, [L, E] int64."""
+    num_layers = placement.shape[0]
+    flat = placement + num_experts * np.arange(num_layers)[:, None]
+    return np.bincount(flat.ravel(), minlength=num_layers * num_experts).reshape(num_layers, -1)
+
+
+def _plan_from_scratch(load: np.ndarray, num_slots: int, num_nodes: int, num_ranks: int):
+    num_layers, num_experts = load.shape
+    layers = np.arange(num_layers)
+    # Step 1: one replica each, then every extra replica to the highest load per replica.
+    counts = np.ones_like(load, dtype=np.int64)
+    for _ in range(num_slots - num_experts):
+        counts[layers, np.argmax(load / counts, axis=1)] += 1
+    replicas = np.stack([np.repeat(np.arange(num_experts), c) for c in counts])  # [L, S]
+    weight = np.take_along_axis(load / counts, replicas, axis=1)
+    order = np.argsort(-weight, axis=1, kind="stable")
+    replicas = np.take_along_axis(replicas, order, axis=1)
+    weight = np.take_along_axis(weight, order, axis=1)
+    # Step 2: heaviest replica first to the least loaded node with a free slot, then within its
+    # node to the least loaded rank with a free slot (one level when there is one node).
+    node = _pack(weight, np.zeros_like(replicas), num_nodes, num_slots // num_nodes)
+    rank = _pack(weight, node, num_ranks // num_nodes, num_slots // num_ranks)
+    rank += node * (num_ranks // num_nodes)
+    # Slots of a rank in packing order.
+    slots_per_rank = num_slots // num_ranks
+    by_rank = np.argsort(rank, axis=1, kind="stable")
+    placement = np.empty_like(replicas)
+    placement[layers[:, None], np.arange(num_slots)] = np.take_along_axis(replicas, by_rank, 1)
+    assert (np.sort(rank, axis=1) == np.arange(num_slots) // slots_per_rank).all()
+    return placement
+
+
+def _pack(weight: np.ndarray, group: np.ndarray, num_bins: int, capacity: int) -> np.ndarray:
+    """Bin in [0, num_bins) within its group for each item, [L, S]: items in order, each to the
+    least loaded bin of its group with room (``capacity`` items per bin)."""
+    num_layers, num_items = weight.shape
+    layers = np.arange(num_layers)
+    num_groups = num_items // (num_bins * capacity)
+    bin_load = np.zeros((num_layers, num_groups, num_bins))
+    bin_used = np.zeros((num_layers, num_groups, num_bins), dtype=np.int64)
+    out = np.empty_like(group)
+    for i in range(num_items):
+        g = group[:, i]
+        cost = np.where(bin_used[layers, g] < capacity, bin_load[layers, g], np.inf)
+        b = np.argmin(cost, axis=1)
+        out[:, i] = b
+        bin_load[layers, g, b] += weight[:, i]
+        bin_used[layers, g, b] += 1
+    return out
+
+
+def _improve(load, placement, previous, slots_per_rank: int, budget: int) -> np.ndarray:
+    """Step 3: greedy local search on the max rank load, one move per layer per round, all
+    layers at once. A move either swaps two slots (hottest rank with any other) or re-points a
+    slot to another expert (a replica moves from an over-replicated expert to a hot one). It is
+    taken only if it lowers the layer's max rank load and keeps at most ``budget`` slots
+    different from ``previous``; a layer stops at its first round without such a move."""
+    num_slots = placement.shape[1]
+    num_ranks = num_slots // slots_per_rank
+    if num_ranks < 2:
+        return placement
+    active = np.arange(placement.shape[0])
+    for _ in range(4 * num_slots):
+        if active.size == 0:
+            break
+        best, apply = _best_moves(
+            load[active], placement[active], previous[active], num_ranks, budget
+        )
+        ok = np.flatnonzero(best)
+        for k in ok:
+            layer = active[k]
+            for slot, expert in apply[k]:
+                placement[layer, slot] = expert
+        active = active[ok]
+    return placement
+
+
+def _best_moves(load, placement, previous, num_ranks: int, budget: int):
+    """Best single move per layer: (is_improving [L] bool, [(slot, expert), ...] per layer)."""
+    num_layers, num_slots = placement.shape
+    slots_per_rank = num_slots // num_ranks
+    layers = np.arange(num_layers)[:, None]
+    counts = _replica_counts(placement, load.shape[1])
+    per_slot = np.take_along_axis(load / counts, placement, axis=1)  # [L, S]
+    loads = per_slot.reshape(num_layers, num_ranks, slots_per_rank).sum(axis=2)  # [L, R]
+    by_load = np.argsort(-loads, axis=1)
+    hot = by_load[:, 0]
+    peak = loads[layers[:, 0], hot]
+    changed = placement != previous
+    num_changed = changed.sum(axis=1)
+    slot_rank = np.arange(num_slots) // slots_per_rank
+    hot_slots = hot[:, None] * slots_per_rank + np.arange(slots_per_rank)  # [L, spr]
+
+    # Swap slot i on the hottest rank with slot j on rank rj: only those two ranks change.
+    a, b = placement[layers, hot_slots], placement  # [L, spr], [L, S]
+    delta = per_slot[:, None, :] - per_slot[layers, hot_slots][:, :, None]  # [L, spr, S]
+    new_hot = peak[:, None, None] + delta
+    new_j = loads[:, slot_rank][:, None, :] - delta
+    top = np.sort(loads, axis=1)[:, ::-1]
+    third = top[:, 2] if num_ranks > 2 else np.full(num_layers, -np.inf)
+    rest = np.where(slot_rank == by_load[:, 1:2], third[:, None], top[:, 1:2])  # [L, S]
+    swap_val = np.maximum(np.maximum(new_hot, new_j), rest[:, None, :])
+    swap_local = np.maximum(new_hot, new_j)
+    prev_i = previous[layers, hot_slots][:, :, None]
+    swap_changed = (
+        num_changed[:, None, None]
+        - changed[layers, hot_slots][:, :, None]
+        - changed[:, None, :]
+        + (b[:, None, :] != prev_i)
+        + (a[:, :, None] != previous[:, None, :])
+    )
+    bad = (slot_rank == hot[:, None, None]) | (a[:, :, None] == b[:, None, :])
+    swap_val[bad | (swap_changed > budget)] = np.inf
+
+    # Re-point slot i (expert a, >= 2 replicas) to expert b: every rank holding a or b changes.
+    removal = np.where(counts >= 2, load / (counts * np.maximum(counts - 1, 1)), np.inf)
+    slot_removal = np.take_along_axis(removal, placement, axis=1)
+    num_cheap = min(_NUM_CHEAP_SOURCES, num_slots - 1)
+    cheap = np.argpartition(slot_removal, num_cheap, axis=1)[:, :num_cheap]
+    src = np.concatenate([hot_slots, cheap], axis=1)  # [L, K]
+    gain = load / (counts * (counts + 1))
+    num_hot = min(_NUM_HOT_TARGETS, load.shape[1] - 1)
+    dst = np.argpartition(-gain, num_hot, axis=1)[:, :num_hot]  # [L, T]
+    a = placement[layers, src]
+    ca, wa = counts[layers, a], load[layers, a]
+    cb, wb = counts[layers, dst], load[layers, dst]
+    da = wa / np.maximum(ca - 1, 1) - wa / ca  # more load on each remaining replica of a
+    db = wb / (cb + 1) - wb / cb  # less load on each existing replica of b
+    flat = (np.arange(num_layers)[:, None] * num_ranks + slot_rank) * load.shape[1] + placement
+    held = np.bincount(flat.ravel(), minlength=num_layers * num_ranks * load.shape[1])
+    held = held.reshape(num_layers, num_ranks, -1)  # [L, R, E] replicas per rank
+    held_a, held_b = held[layers, :, a], held[layers, :, dst]  # [L, K, R], [L, T, R]
+    own = slot_rank[src][:, :, None] == np.arange(num_ranks)  # [L, K, R]
+    own_delta = (wb / (cb + 1))[:, None, :] - (wa / np.maximum(ca - 1, 1))[:, :, None]  # [L, K, T]
+    new = (
+        loads[:, None, None, :]
+        + (held_a * da[:, :, None])[:, :, None, :]
+        + (held_b * db[:, :, None])[:, None, :, :]
+        + own[:, :, None, :] * own_delta[..., None]
+    )  # [L, K, T, R]
+    touched = (held_a > 0)[:, :, None, :] | (held_b > 0)[:, None, :, :] | own[:, :, None, :]
+    point_val = new.max(axis=3)
+    point_local = np.where(touched, new, -np.inf).max(axis=3)
+    point_changed = num_changed[:, None, None] - changed[layers, src][:, :, None]
+    point_changed = point_changed + (dst[:, None, :] != previous[layers, src][:, :, None])
+    bad = (ca < 2)[:, :, None] | (a[:, :, None] == dst[:, None, :])
+    point_val[bad | (point_changed > budget)] = np.inf
+
+    # Lowest max rank load; ties go to the move leaving its touched ranks least loaded.
+    val = np.concatenate([swap_val.reshape(num_layers, -1), point_val.reshape(num_layers, -1)], 1)
+    local = np.concatenate(
+        [swap_local.reshape(num_layers, -1), point_local.reshape(num_layers, -1)], 1
+    )
+    lowest = val.min(axis=1)
+    pick = np.argmin(np.where(val <= lowest[:, None] * (1 + _REL_TOL), local, np.inf), axis=1)
+    is_better = lowest < peak * (1 - _REL_TOL)
+    moves = []
+    for k in range(num_layers):
+        if pick[k] < swap_val[k].size:
+            i, j = np.unravel_index(pick[k], swap_val[k].shape)
+            moves.append([(hot_slots[k, i], placement[k, j]), (j, placement[k, hot_slots[k, i]])])
+        else:
+            i, t = np.unravel_index(pick[k] - swap_val[k].size, point_val[k].shape)
+            moves.append([(src[k, i], dst[k, t])])
+    return is_better, moves
