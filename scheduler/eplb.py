@@ -9,18 +9,18 @@ node ``r // (num_ranks // num_nodes)``. Planning assumes an expert's load splits
 replicas (at run time a token prefers a local replica; the even split is the planning model).
 
 ``rebalance`` without ``previous`` plans from scratch: (1) replicate the hottest experts, (2)
-pack replicas onto nodes then onto ranks within each node, heaviest first, (3) improve by local
-moves. With ``previous`` it runs only step 3 from the previous placement, changing at most
-``max_moved`` slots per layer, so ranks reload few expert weights per rebalance.
+pack replicas onto nodes then onto ranks within each node, heaviest first, (4) even out ranks
+by swapping slots. With ``previous`` it starts from the previous placement: (3) move replicas
+from experts that can spare one to the hottest per replica (up to half the budget), then (4),
+changing at most ``max_moved`` slots per layer, so ranks reload few expert weights.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_NUM_CHEAP_SOURCES = 16  # replicas of over-replicated cold experts tried as re-point sources
-_NUM_HOT_TARGETS = 24  # experts with the largest gain from one more replica tried as targets
-_REL_TOL = 1e-9  # a move must lower the max rank load by more than this fraction
+_REL_TOL = 1e-9
+_MODE = "max"  # a move must lower the max rank load by more than this fraction
 
 
 def rank_loads(load: np.ndarray, placement: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -169,11 +169,71 @@ def _pack(weight: np.ndarray, group: np.ndarray, num_bins: int, capacity: int) -
 
 
 def _improve(load, placement, previous, slots_per_rank: int, budget: int) -> np.ndarray:
-    """Step 3: greedy local search on the max rank load, one move per layer per round, all
-    layers at once. A move either swaps two slots (hottest rank with any other) or re-points a
-    slot to another expert (a replica moves from an over-replicated expert to a hot one). It is
-    taken only if it lowers the layer's max rank load and keeps at most ``budget`` slots
-    different from ``previous``; a layer stops at its first round without such a move."""
+    """Steps 3 and 4 from ``placement``, changing at most ``budget`` slots from ``previous``."""
+    start = placement.copy()
+    placement = _move_replicas(load, placement, previous, slots_per_rank, budget // 2)
+    placement = _swap_slots(load, placement, previous, slots_per_rank, budget)
+    # Step 3 may raise a layer's max rank load that Step 4 then cannot undo: swaps alone there.
+    num_ranks = start.shape[1] // slots_per_rank
+    worse = rank_loads(load, placement, num_ranks).max(1) > rank_loads(load, start, num_ranks).max(
+        1
+    )
+    if worse.any():
+        placement[worse] = _swap_slots(
+            load[worse], start[worse], previous[worse], slots_per_rank, budget
+        )
+    return placement
+
+
+def _move_replicas(load, placement, previous, slots_per_rank: int, budget: int) -> np.ndarray:
+    """Step 3: re-point a replica of the expert that can best spare one (lowest load per replica
+    after losing it) to the expert with the highest load per replica, while that lowers the
+    highest load per replica (Step 1's criterion); the donor gives up its replica on its most
+    loaded rank. All layers at once, one replica per layer per round."""
+    num_layers, num_slots = placement.shape
+    rows = np.arange(num_layers)
+    slot_rank = np.arange(num_slots) // slots_per_rank
+    num_changed = (placement != previous).sum(axis=1)
+    for _ in range(num_slots):
+        counts = _replica_counts(placement, load.shape[1])
+        per_replica = load / counts
+        hot = np.argmax(per_replica, axis=1)
+        spare = np.where(counts >= 2, load / np.maximum(counts - 1, 1), np.inf)
+        donor = np.argmin(spare, axis=1)
+        runner_up = np.sort(per_replica, axis=1)[:, -2] if load.shape[1] > 1 else 0.0
+        peak = per_replica[rows, hot]
+        new_peak = np.maximum(
+            np.maximum(peak * counts[rows, hot] / (counts[rows, hot] + 1), spare[rows, donor]),
+            runner_up,
+        )
+        loads = (
+            np.take_along_axis(per_replica, placement, 1)
+            .reshape(num_layers, -1, slots_per_rank)
+            .sum(2)
+        )
+        slot = np.argmax(
+            np.where(placement == donor[:, None], loads[:, slot_rank], -np.inf), axis=1
+        )
+        changed = (
+            num_changed
+            - (placement[rows, slot] != previous[rows, slot])
+            + (hot != previous[rows, slot])
+        )
+        ok = (new_peak < peak * (1 - _REL_TOL)) & (changed <= budget) & (donor != hot)
+        if not ok.any():
+            break
+        placement[rows[ok], slot[ok]] = hot[ok]
+        num_changed = np.where(ok, changed, num_changed)
+    return placement
+
+
+def _swap_slots(load, placement, previous, slots_per_rank: int, budget: int) -> np.ndarray:
+    """Step 4: greedy local search, one swap per layer per round, all layers at once: a slot on
+    the hottest rank trades experts with a slot on another rank (replica counts stay). Taken:
+    the swap that most lowers the sum of squared rank loads without raising the max rank load
+    and keeps at most ``budget`` slots different from ``previous``; a layer stops at its first
+    round without one. (Squares rather than the max alone: the max stalls at a local optimum
+    while the budget lasts; squares keep evening out the ranks below it.)"""
     num_slots = placement.shape[1]
     num_ranks = num_slots // slots_per_rank
     if num_ranks < 2:
@@ -182,20 +242,19 @@ def _improve(load, placement, previous, slots_per_rank: int, budget: int) -> np.
     for _ in range(4 * num_slots):
         if active.size == 0:
             break
-        best, apply = _best_moves(
-            load[active], placement[active], previous[active], num_ranks, budget
-        )
-        ok = np.flatnonzero(best)
-        for k in ok:
-            layer = active[k]
-            for slot, expert in apply[k]:
-                placement[layer, slot] = expert
+        sub = placement[active]
+        is_better, i, j = _best_swaps(load[active], sub, previous[active], num_ranks, budget)
+        rows = np.arange(active.size)
+        a, b = sub[rows, i], sub[rows, j]
+        ok = np.flatnonzero(is_better)
+        placement[active[ok], i[ok]] = b[ok]
+        placement[active[ok], j[ok]] = a[ok]
         active = active[ok]
     return placement
 
 
-def _best_moves(load, placement, previous, num_ranks: int, budget: int):
-    """Best single move per layer: (is_improving [L] bool, [(slot, expert), ...] per layer)."""
+def _best_swaps(load, placement, previous, num_ranks: int, budget: int):
+    """Best swap per layer: (is_improving [L] bool, slot i [L], slot j [L])."""
     num_layers, num_slots = placement.shape
     slots_per_rank = num_slots // num_ranks
     layers = np.arange(num_layers)[:, None]
@@ -219,7 +278,7 @@ def _best_moves(load, placement, previous, num_ranks: int, budget: int):
     third = top[:, 2] if num_ranks > 2 else np.full(num_layers, -np.inf)
     rest = np.where(slot_rank == by_load[:, 1:2], third[:, None], top[:, 1:2])  # [L, S]
     swap_val = np.maximum(np.maximum(new_hot, new_j), rest[:, None, :])
-    swap_local = np.maximum(new_hot, new_j)
+    swap_ssq = 2 * delta * (peak[:, None, None] - loads[:, slot_rank][:, None, :]) + 2 * delta**2
     prev_i = previous[layers, hot_slots][:, :, None]
     swap_changed = (
         num_changed[:, None, None]
@@ -231,54 +290,9 @@ def _best_moves(load, placement, previous, num_ranks: int, budget: int):
     bad = (slot_rank == hot[:, None, None]) | (a[:, :, None] == b[:, None, :])
     swap_val[bad | (swap_changed > budget)] = np.inf
 
-    # Re-point slot i (expert a, >= 2 replicas) to expert b: every rank holding a or b changes.
-    removal = np.where(counts >= 2, load / (counts * np.maximum(counts - 1, 1)), np.inf)
-    slot_removal = np.take_along_axis(removal, placement, axis=1)
-    num_cheap = min(_NUM_CHEAP_SOURCES, num_slots - 1)
-    cheap = np.argpartition(slot_removal, num_cheap, axis=1)[:, :num_cheap]
-    src = np.concatenate([hot_slots, cheap], axis=1)  # [L, K]
-    gain = load / (counts * (counts + 1))
-    num_hot = min(_NUM_HOT_TARGETS, load.shape[1] - 1)
-    dst = np.argpartition(-gain, num_hot, axis=1)[:, :num_hot]  # [L, T]
-    a = placement[layers, src]
-    ca, wa = counts[layers, a], load[layers, a]
-    cb, wb = counts[layers, dst], load[layers, dst]
-    da = wa / np.maximum(ca - 1, 1) - wa / ca  # more load on each remaining replica of a
-    db = wb / (cb + 1) - wb / cb  # less load on each existing replica of b
-    flat = (np.arange(num_layers)[:, None] * num_ranks + slot_rank) * load.shape[1] + placement
-    held = np.bincount(flat.ravel(), minlength=num_layers * num_ranks * load.shape[1])
-    held = held.reshape(num_layers, num_ranks, -1)  # [L, R, E] replicas per rank
-    held_a, held_b = held[layers, :, a], held[layers, :, dst]  # [L, K, R], [L, T, R]
-    own = slot_rank[src][:, :, None] == np.arange(num_ranks)  # [L, K, R]
-    own_delta = (wb / (cb + 1))[:, None, :] - (wa / np.maximum(ca - 1, 1))[:, :, None]  # [L, K, T]
-    new = (
-        loads[:, None, None, :]
-        + (held_a * da[:, :, None])[:, :, None, :]
-        + (held_b * db[:, :, None])[:, None, :, :]
-        + own[:, :, None, :] * own_delta[..., None]
-    )  # [L, K, T, R]
-    touched = (held_a > 0)[:, :, None, :] | (held_b > 0)[:, None, :, :] | own[:, :, None, :]
-    point_val = new.max(axis=3)
-    point_local = np.where(touched, new, -np.inf).max(axis=3)
-    point_changed = num_changed[:, None, None] - changed[layers, src][:, :, None]
-    point_changed = point_changed + (dst[:, None, :] != previous[layers, src][:, :, None])
-    bad = (ca < 2)[:, :, None] | (a[:, :, None] == dst[:, None, :])
-    point_val[bad | (point_changed > budget)] = np.inf
-
-    # Lowest max rank load; ties go to the move leaving its touched ranks least loaded.
-    val = np.concatenate([swap_val.reshape(num_layers, -1), point_val.reshape(num_layers, -1)], 1)
-    local = np.concatenate(
-        [swap_local.reshape(num_layers, -1), point_local.reshape(num_layers, -1)], 1
-    )
-    lowest = val.min(axis=1)
-    pick = np.argmin(np.where(val <= lowest[:, None] * (1 + _REL_TOL), local, np.inf), axis=1)
-    is_better = lowest < peak * (1 - _REL_TOL)
-    moves = []
-    for k in range(num_layers):
-        if pick[k] < swap_val[k].size:
-            i, j = np.unravel_index(pick[k], swap_val[k].shape)
-            moves.append([(hot_slots[k, i], placement[k, j]), (j, placement[k, hot_slots[k, i]])])
-        else:
-            i, t = np.unravel_index(pick[k] - swap_val[k].size, point_val[k].shape)
-            moves.append([(src[k, i], dst[k, t])])
-    return is_better, moves
+    # Largest drop in the sum of squared rank loads among swaps that do not raise the max.
+    ssq = np.where(swap_val <= peak[:, None, None], swap_ssq, np.inf).reshape(num_layers, -1)
+    pick = np.argmin(ssq, axis=1)
+    is_better = ssq[np.arange(num_layers), pick] < -_REL_TOL * peak**2
+    i, j = np.unravel_index(pick, swap_val.shape[1:])
+    return is_better, hot_slots[np.arange(num_layers), i], j
