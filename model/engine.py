@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from model.parallel import ExpertParallel
 from model.sampling import SamplingParams, sample_token
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
-from model.weights import WeightFormat, load_weights, resident_bytes
+from model.weights import Weight, WeightFormat, load_weights, resident_bytes
 
 DEFAULT_MAX_NUM_TOKENS = 32768
 
@@ -50,6 +51,8 @@ class Engine:
         self.device = device
         self.chunk_size = chunk_size
         self.ep = ep
+        self._source: tuple[Path, str] | None = None  # checkpoint and weight format (reshard)
+        self._staged: _StagedPlacement | None = None  # a new expert placement being swapped in
         self._offline_ids = itertools.count()
 
     @classmethod
@@ -106,7 +109,7 @@ class Engine:
             device,
         )
         tokenizer = Tokenizer.load(path)
-        return cls(
+        engine = cls(
             config,
             model,
             cache,
@@ -116,6 +119,8 @@ class Engine:
             chunk_size=chunk_size,
             ep=ep,
         )
+        engine._source = (path, str(WeightFormat(weight_format).value))
+        return engine
 
     @property
     def fingerprint(self) -> str:
@@ -228,21 +233,95 @@ class Engine:
         )
 
     # ---- expert parallelism -------------------------------------------------------------------
-    def _tick(self) -> None:
-        """Expert-parallel ranks: open the lockstep tick of the forward about to run."""
-        if self.ep is not None:
-            self.ep.tick(has_work=True)
+    def _tick(self, has_work: bool = True) -> bool:
+        """Expert-parallel ranks: open the lockstep tick (of the forward about to run, or an
+        idle one); True if any rank runs a forward in it. When every rank has staged the same
+        new placement, each swaps in its next layer here, at the same tick."""
+        if self.ep is None:
+            return has_work
+        staged = self._staged
+        ready = staged.version if staged is not None else 0
+        any_work, lowest, highest = self.ep.tick(has_work, ready)
+        if staged is not None and lowest == highest == ready:
+            self._swap_next_layer(staged)
+        return any_work
 
     def idle_tick(self) -> bool:
         """For an expert-parallel rank's loop when it has no forward to run: join the current
         tick, and if another rank runs a forward in it, run the empty one. True if it did (call
         again at once: the busy rank may be mid-prefill); False when every rank is idle (or
         there is no expert parallelism)."""
-        if self.ep is None or not self.ep.tick(has_work=False):
+        if self.ep is None or not self._tick(has_work=False):
             return False
         with torch.inference_mode():
             self.model.empty_forward(self.dtype)
         return True
+
+    @property
+    def placement(self) -> dict[int, list[int]]:
+        """MoE layer -> the placement it serves (global slot -> logical expert)."""
+        return {i: list(moe.placement) for i, moe in self.model.moe_layers.items()}
+
+    @property
+    def is_resharding(self) -> bool:
+        return self._staged is not None
+
+    def stage_placement(self, version: int, placement: dict[int, list[int]]) -> int:
+        """Off the step thread: read the weights of every MoE layer's new slots (experts already
+        held are copied, others read from this rank's checkpoint) and publish them for the
+        swap. ``version`` (> 0) must be the same on every rank. Raises on failure, leaving the
+        served placement untouched. Returns the bytes read from the checkpoint."""
+        assert self.ep is not None and self._source is not None, "placement needs an EP engine"
+        if self._staged is not None:
+            raise RuntimeError(f"placement {self._staged.version} is still being swapped in")
+        path, weight_format = self._source
+        moe_layers = self.model.moe_layers
+        unknown = sorted(set(placement) - set(moe_layers))
+        if unknown:
+            raise ValueError(f"layers {unknown} are not MoE layers")
+        num_read = 0
+
+        def reader(layer: int) -> Callable[[list[int]], dict[str, Weight]]:
+            def read(expert_ids: list[int]) -> dict[str, Weight]:
+                nonlocal num_read
+                if not expert_ids:
+                    return {}
+                state = load_weights(
+                    path,
+                    self.config,
+                    weight_format=weight_format,
+                    dtype=self.dtype,
+                    device=self.device,
+                    expert_ids=expert_ids,
+                    prefix=f"model.layers.{layer}.mlp.experts.",
+                )
+                num_read += resident_bytes(state.values())
+                return state
+
+            return read
+
+        layers = {
+            i: (list(p), *moe_layers[i].stage(list(p), reader(i)))
+            for i, p in sorted(placement.items())
+        }
+        self._staged = _StagedPlacement(version, layers)  # one assignment: seen whole or not
+        return num_read
+
+    def abort_placement(self, version: int) -> bool:
+        """Drop a staged placement none of whose layers is swapped in; True if dropped."""
+        staged = self._staged
+        if staged is None or staged.version != version or staged.num_swapped:
+            return False
+        self._staged = None
+        return True
+
+    def _swap_next_layer(self, staged: _StagedPlacement) -> None:
+        layer = min(staged.layers)
+        placement, gate_up, down = staged.layers.pop(layer)
+        self.model.moe_layers[layer].install(placement, gate_up, down)
+        staged.num_swapped += 1
+        if not staged.layers:
+            self._staged = None
 
     # ---- offline API ----------------------------------------------------------------------------
     def prefill_logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -315,3 +394,13 @@ class _LayerCalls:
             self._on_layer(layer, start, end)
         except Exception as e:
             self.error = e
+
+
+@dataclass
+class _StagedPlacement:
+    """A new placement whose weights are staged: MoE layer -> (placement, gate_up, down), swapped
+    in one layer per lockstep tick."""
+
+    version: int
+    layers: dict[int, tuple[list[int], Weight, Weight]]
+    num_swapped: int = 0

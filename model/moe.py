@@ -17,7 +17,7 @@ rank's tokens every (global) expert was chosen for, for EPLB.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,26 +72,23 @@ class MoE:
         ep: ExpertParallel | None = None,
     ) -> None:
         n = config.n_routed_experts
-        if ep is not None:
-            expert_ids = ep.local_experts
         self.ep = ep
-        self.expert_ids = list(range(n)) if expert_ids is None else sorted(expert_ids)
+        self.prefix = prefix
         self.router = Router(
             config, state[f"{prefix}.gate.weight"], state[f"{prefix}.gate.e_score_correction_bias"]
         )
         dev = self.router.weight.device
-        # global expert id -> local slot (-1: another rank's expert)
-        self.slot_of = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.slot_of[torch.tensor(self.expert_ids, dtype=torch.long, device=dev)] = torch.arange(
-            len(self.expert_ids), device=dev
-        )
-        p = [f"{prefix}.experts.{e}" for e in self.expert_ids]
         self.inter = config.moe_intermediate_size
-        gate_up = [
-            cat_weights([state[f"{q}.gate_proj.weight"], state[f"{q}.up_proj.weight"]]) for q in p
-        ]
-        self.gate_up = stack_weights(gate_up)  # [E_local, 2I, H]
-        self.down = stack_weights([state[f"{q}.down_proj.weight"] for q in p])  # [E_local, H, I]
+        if ep is not None:  # this rank's slots of the instance's placement
+            placement = ep.initial_placement()
+            self.install(placement, *expert_stacks(state, prefix, self._slot_experts(placement)))
+        else:
+            self.expert_ids = list(range(n)) if expert_ids is None else sorted(expert_ids)
+            # global expert id -> local slot (-1: not held here)
+            self.slot_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+            ids = torch.tensor(self.expert_ids, dtype=torch.long, device=dev)
+            self.slot_of[ids] = torch.arange(len(self.expert_ids), device=dev)
+            self.gate_up, self.down = expert_stacks(state, prefix, self.expert_ids)
         self.shared = (
             MLP.from_state(state, f"{prefix}.shared_experts") if config.n_shared_experts else None
         )
@@ -114,22 +111,73 @@ class MoE:
         out.index_add_(0, token, ys)
         return out
 
+    # ---- expert parallelism: slots and placement ------------------------------------------------
+    def _slot_experts(self, placement: list[int]) -> list[int]:
+        """The logical experts of this rank's slots, in slot order."""
+        assert self.ep is not None
+        return [placement[s] for s in self.ep.local_slots]
+
+    def install(self, placement: list[int], gate_up: Weight, down: Weight) -> None:
+        """Serve ``placement`` (global slot -> logical expert, [num_slots]) with this rank's
+        slots' weights ``gate_up`` [slots, 2I, H] and ``down`` [slots, H, I]. Called on the step
+        thread between forwards, on every rank at the same tick."""
+        ep = self.ep
+        assert ep is not None and len(placement) == ep.num_slots
+        dev = self.router.weight.device
+        n = ep.num_experts
+        replicas: list[list[int]] = [[] for _ in range(n)]
+        for slot, e in enumerate(placement):
+            replicas[e].append(slot)
+        missing = [e for e in range(n) if not replicas[e]]
+        assert not missing, f"placement leaves experts {missing[:8]} without a replica"
+        width = max(len(r) for r in replicas)
+        local_slot_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+        for slot in reversed(ep.local_slots):
+            local_slot_of[placement[slot]] = slot
+        self.placement = list(placement)
+        self.expert_ids = self._slot_experts(placement)
+        # logical expert -> its replicas' global slots (padded by repeating) and how many
+        self.replica_slots = torch.tensor(
+            [r + r[:1] * (width - len(r)) for r in replicas], dtype=torch.long, device=dev
+        )
+        self.num_replicas = torch.tensor([len(r) for r in replicas], device=dev)
+        self.local_slot_of = local_slot_of  # logical expert -> a slot on this rank, or -1
+        self.gate_up, self.down = gate_up, down
+
+    def stage(
+        self, placement: list[int], load: Callable[[list[int]], dict[str, Weight]]
+    ) -> tuple[Weight, Weight]:
+        """New slot weights for ``placement`` (off the step thread): experts this rank already
+        holds are copied, the others come from ``load(expert_ids)`` (HF-named tensors)."""
+        held = {e: i for i, e in enumerate(self.expert_ids)}
+        wanted = self._slot_experts(placement)
+        state = dict(load(sorted({e for e in wanted if e not in held})))
+        for e, i in held.items():  # already here: no read
+            q = f"{self.prefix}.experts.{e}"
+            state[f"{q}.gate_up"], state[f"{q}.down"] = self.gate_up[i], self.down[i]
+        return expert_stacks(state, self.prefix, wanted)
+
+    def _pick_slots(self, expert: torch.Tensor) -> torch.Tensor:
+        """One replica per assignment: the local one if this rank has it, else the replicas in
+        turn (assignment index modulo their count); expert [A] -> global slots [A]."""
+        local = self.local_slot_of[expert]
+        turn = torch.arange(expert.numel(), device=expert.device) % self.num_replicas[expert]
+        return torch.where(local >= 0, local, self.replica_slots[expert, turn])
+
     def dispatched(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The expert-parallel ``routed``: every rank calls it once per MoE layer per tick, with
         its own tokens (possibly none); x [T, H] -> [T, H]."""
         assert self.ep is not None
         t, k = ids.shape
-        expert = ids.reshape(-1)  # [T*k] global expert ids
+        slot = self._pick_slots(ids.reshape(-1))  # [T*k] global slots
         token = torch.arange(t, device=x.device).repeat_interleave(k)  # [T*k]
         w = weights.reshape(-1)
-        dest = self.ep.owner(expert)
+        dest = self.ep.owner(slot)
         order = torch.argsort(dest, stable=True)  # rows grouped by the rank they go to
-        expert, token, w, dest = expert[order], token[order], w[order], dest[order]
+        slot, token, w, dest = slot[order], token[order], w[order], dest[order]
         send_counts = torch.bincount(dest, minlength=self.ep.num_ranks)  # [R]
-        rows, recv_expert, recv_counts = self.ep.dispatch(
-            x.index_select(0, token), expert, send_counts
-        )
-        results = self._experts(rows, self.slot_of[recv_expert])  # [A', H]
+        rows, recv_slot, recv_counts = self.ep.dispatch(x.index_select(0, token), slot, send_counts)
+        results = self._experts(rows, recv_slot - self.ep.local_slots.start)  # [A', H]
         ys = self.ep.combine(results, recv_counts, send_counts)  # [T*k, H] in `order`
         ys.mul_(w.to(ys.dtype).unsqueeze(-1))
         out = torch.zeros_like(x)
@@ -170,3 +218,21 @@ class MoE:
         if self.shared is not None:
             out = out + self.shared(x)
         return out
+
+
+def expert_stacks(
+    state: dict[str, Weight], prefix: str, expert_ids: list[int]
+) -> tuple[Weight, Weight]:
+    """The experts' weights stacked in ``expert_ids`` order: gate_up [E, 2I, H] (gate and up
+    fused into one matmul) and down [E, H, I]. ``state`` holds HF names, or an expert's already
+    fused ``<expert>.gate_up`` / ``<expert>.down``."""
+    gate_up, down = [], []
+    for e in expert_ids:
+        q = f"{prefix}.experts.{e}"
+        if f"{q}.gate_up" in state:
+            gate_up.append(state[f"{q}.gate_up"])
+            down.append(state[f"{q}.down"])
+            continue
+        gate_up.append(cat_weights([state[f"{q}.gate_proj.weight"], state[f"{q}.up_proj.weight"]]))
+        down.append(state[f"{q}.down_proj.weight"])
+    return stack_weights(gate_up), stack_weights(down)

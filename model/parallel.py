@@ -43,6 +43,25 @@ def experts_of_rank(rank: int, num_ranks: int, num_experts: int) -> list[int]:
     return list(range(rank * per_rank, (rank + 1) * per_rank))
 
 
+def default_placement(num_experts: int, num_slots: int, num_ranks: int) -> list[int]:
+    """The placement an instance starts with: slot -> logical expert, ``num_slots`` slots, slot
+    s on rank s // (num_slots / num_ranks). Rank r holds the contiguous block r of the experts,
+    then its redundant slots, each replicating an expert of the next ranks' blocks (so no rank
+    holds two replicas of one expert)."""
+    block = len(experts_of_rank(0, num_ranks, num_experts))
+    if num_slots % num_ranks or num_slots < num_experts:
+        raise ValueError(
+            f"{num_slots} expert slots over {num_ranks} ranks: use a multiple of the rank count "
+            f"that is at least the {num_experts} experts"
+        )
+    per_rank = num_slots // num_ranks
+    placement: list[int] = []
+    for r in range(num_ranks):
+        placement += range(r * block, (r + 1) * block)
+        placement += [((r + 1) * block + j) % num_experts for j in range(per_rank - block)]
+    return placement
+
+
 @dataclass
 class ExpertParallel:
     """This rank's place in its instance's expert-parallel group (the default process group of
@@ -51,6 +70,7 @@ class ExpertParallel:
     rank: int
     num_ranks: int
     num_experts: int
+    num_slots: int = 0  # expert slots over the instance (0: one per expert, no redundancy)
     comm_seconds: float = 0.0  # in dispatch/combine all-to-alls since the last reset_timers
     tick_seconds: float = 0.0  # in tick all-reduces since the last reset_timers
 
@@ -63,6 +83,7 @@ class ExpertParallel:
         num_experts: int,
         backend: str = "gloo",
         timeout_s: float = 60.0,
+        num_slots: int = 0,
     ) -> ExpertParallel:
         """Join the group whose rank 0 listens at ``address`` ("host:port"); blocks until every
         rank joined. ``timeout_s`` bounds every collective, so a dead peer ends in an error."""
@@ -73,7 +94,23 @@ class ExpertParallel:
             world_size=num_ranks,
             timeout=timedelta(seconds=timeout_s),
         )
-        return cls(rank, num_ranks, num_experts)
+        return cls(rank, num_ranks, num_experts, num_slots)
+
+    def __post_init__(self) -> None:
+        self.num_slots = self.num_slots or self.num_experts
+        default_placement(self.num_experts, self.num_slots, self.num_ranks)  # validates
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.num_slots // self.num_ranks
+
+    @property
+    def local_slots(self) -> range:
+        """This rank's slots (global slot ids)."""
+        return range(self.rank * self.slots_per_rank, (self.rank + 1) * self.slots_per_rank)
+
+    def initial_placement(self) -> list[int]:
+        return default_placement(self.num_experts, self.num_slots, self.num_ranks)
 
     def reset_timers(self) -> None:
         self.comm_seconds = 0.0
@@ -81,26 +118,32 @@ class ExpertParallel:
 
     @property
     def local_experts(self) -> list[int]:
-        return experts_of_rank(self.rank, self.num_ranks, self.num_experts)
+        """The logical experts this rank's slots hold at start (sorted, distinct)."""
+        placement = self.initial_placement()
+        return sorted({placement[s] for s in self.local_slots})
 
-    def owner(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """The rank holding each expert id (same shape)."""
-        return expert_ids // (self.num_experts // self.num_ranks)
+    def owner(self, slots: torch.Tensor) -> torch.Tensor:
+        """The rank holding each global slot (same shape)."""
+        return slots // self.slots_per_rank
 
-    def tick(self, has_work: bool) -> bool:
-        """Start a lockstep tick; True if any rank runs a forward in it."""
-        flag = torch.tensor([int(has_work)], dtype=torch.int64)
+    def tick(self, has_work: bool, ready_version: int = 0) -> tuple[bool, int, int]:
+        """Start a lockstep tick. ``ready_version``: the placement version this rank has fully
+        staged (0: none). Returns (any rank runs a forward, the lowest and highest ready version
+        over the ranks): every rank gets the same answer, so a swap decided on it happens on
+        every rank at the same tick."""
+        flags = torch.tensor([int(has_work), ready_version, -ready_version], dtype=torch.int64)
         start = time.perf_counter()
-        dist.all_reduce(flag)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.tick_seconds += time.perf_counter() - start
-        return bool(flag.item())
+        any_work, highest, neg_lowest = flags.tolist()
+        return bool(any_work), -neg_lowest, highest
 
     def dispatch(
-        self, rows: torch.Tensor, expert_ids: torch.Tensor, send_counts: torch.Tensor
+        self, rows: torch.Tensor, slots: torch.Tensor, send_counts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Send ``rows`` [A, H] with their ``expert_ids`` [A] (sorted by owner rank,
+        """Send ``rows`` [A, H] with their target global ``slots`` [A] (sorted by owner rank,
         ``send_counts`` [R] rows per rank); returns what this rank received: rows [A', H],
-        expert ids [A'] and the rows per source rank."""
+        slots [A'] and the rows per source rank."""
         recv_counts = torch.empty_like(send_counts)
         self._all_to_all(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
@@ -108,7 +151,7 @@ class ExpertParallel:
         recv_rows = torch.empty(sum(recv), rows.shape[1], dtype=wire_dtype)
         self._all_to_all(recv_rows, rows.to(wire_dtype).contiguous(), recv, send)
         recv_ids = torch.empty(sum(recv), dtype=torch.int64)
-        self._all_to_all(recv_ids, expert_ids.contiguous(), recv, send)
+        self._all_to_all(recv_ids, slots.contiguous(), recv, send)
         return recv_rows.to(rows.dtype), recv_ids, recv
 
     def combine(

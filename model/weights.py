@@ -428,6 +428,7 @@ def load_state_dict(
     device: str | torch.device = "cpu",
     expert_ids: list[int] | None = None,
     keep_fp8: bool = False,
+    prefix: str = "",
 ) -> dict[str, torch.Tensor]:
     """Read the tensors ``expected_shapes(config, expert_ids)`` names, in ``dtype`` on ``device``.
 
@@ -435,9 +436,12 @@ def load_state_dict(
     are dequantised (``q * scale_inv`` per block) unless ``keep_fp8``, which returns the e4m3
     weight and its fp32 ``<name>_scale_inv`` as stored. Raises ``WeightsError`` naming the file
     and tensor for a missing tensor or shard, a wrong shape or dtype, or an unreadable file.
+    ``prefix`` reads only the names that start with it (e.g. one layer's experts).
     """
     model_dir = Path(model_dir)
     shapes = expected_shapes(config, expert_ids)
+    if prefix:
+        shapes = {n: s for n, s in shapes.items() if n.startswith(prefix)}
     block = config.fp8_block_size
     fp8_names = {n for n in shapes if config.is_fp8_checkpoint and is_fp8_linear(n)}
     names = [*shapes, *(n + SCALE_SUFFIX for n in fp8_names)]
@@ -459,9 +463,10 @@ def load_state_dict(
             out[weight], out[weight + SCALE_SUFFIX] = q, scale
         else:  # dequantised where the weight will live (the GPU, if any)
             out[weight] = dequantize_block_fp8(q, scale, block).to(dtype)
-    if config.tie_word_embeddings:
+    tied = config.tie_word_embeddings and "model.embed_tokens.weight" in out
+    if tied:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    order = [*shapes, *(["lm_head.weight"] if config.tie_word_embeddings else [])]
+    order = [*shapes, *(["lm_head.weight"] if tied else [])]
     if keep_fp8:
         order = [m for n in order for m in ((n, n + SCALE_SUFFIX) if n in fp8_names else (n,))]
     return {n: out[n] for n in order}
@@ -481,7 +486,12 @@ def load_model_dir(
     except ConfigError as e:
         raise WeightsError(str(e)) from e
     state = load_state_dict(
-        model_dir, config, dtype=dtype, device=device, expert_ids=expert_ids, keep_fp8=keep_fp8
+        model_dir,
+        config,
+        dtype=dtype,
+        device=device,
+        expert_ids=expert_ids,
+        keep_fp8=keep_fp8,
     )
     return config, state
 
@@ -494,9 +504,11 @@ def load_weights(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     expert_ids: list[int] | None = None,
+    prefix: str = "",
 ) -> dict[str, Weight]:
     """``load_state_dict``, with block-FP8 linears as ``Fp8Weight`` unless ``weight_format`` says
-    ``dequantize`` (see ``WeightFormat``); everything else in ``dtype``."""
+    ``dequantize`` (see ``WeightFormat``); everything else in ``dtype``. ``prefix`` reads only
+    the names that start with it."""
     try:
         fmt = WeightFormat(weight_format)
     except ValueError:
@@ -509,6 +521,12 @@ def load_weights(
         )
     keep_fp8 = config.is_fp8_checkpoint and fmt is not WeightFormat.DEQUANTIZE
     state = load_state_dict(
-        model_dir, config, dtype=dtype, device=device, expert_ids=expert_ids, keep_fp8=keep_fp8
+        model_dir,
+        config,
+        dtype=dtype,
+        device=device,
+        expert_ids=expert_ids,
+        keep_fp8=keep_fp8,
+        prefix=prefix,
     )
     return fold_fp8_pairs(state, config.fp8_block_size) if keep_fp8 else dict(state)

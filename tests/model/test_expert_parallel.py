@@ -34,7 +34,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(model_dir: Path, tmp_path: Path) -> list[dict]:
+def run_ranks(model_dir: Path, tmp_path: Path, num_slots: int = 0) -> list[dict]:
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     outs = [tmp_path / f"rank{r}.pt" for r in range(NUM_RANKS)]
@@ -48,6 +48,7 @@ def run_ranks(model_dir: Path, tmp_path: Path) -> list[dict]:
                 address,
                 str(model_dir),
                 str(outs[r]),
+                str(num_slots),
             ],
             cwd=ROOT,
             env=env,
@@ -92,3 +93,24 @@ def test_two_ranks_match_one_rank(preset_dir, request, tmp_path):
         assert all(c.numel() == num_experts and c.sum() > 0 for c in r["counts"].values())
     # the collectives' timers ran (seconds in all-to-alls, in tick all-reduces)
     assert all(comm > 0 and tick > 0 for comm, tick in (r["timers"] for r in ranks))
+
+
+def test_rebalance_moves_experts_between_ranks_without_changing_tokens(tiny_model_dir, tmp_path):
+    """8 experts in 10 slots over 2 ranks (one redundant slot each). A placement staged from a
+    broken checkpoint fails and leaves the old one serving; a placement that moves every expert
+    to the other rank is swapped in layer by layer during a generate: greedy tokens are the
+    same before, during and after."""
+    ranks = run_ranks(tiny_model_dir, tmp_path, num_slots=10)
+    ref = Engine.load(tiny_model_dir, dtype=torch.float32, max_num_tokens=2048, chunk_size=16)
+    vocab = ref.config.vocab_size
+    for rank, r in enumerate(ranks):
+        prompts = [_prompt(5 + rank, 10 + rank, vocab), _prompt(12, 20 + rank, vocab)]
+        expected = ref.generate(prompts, 6)
+        assert r["greedy"] == expected  # with redundant replicas from the start
+        assert "broken_staged" not in r and "WeightsError" in r["broken_error"]
+        assert r["after_failure"] == r["placement_before"]
+        assert r["during"] == expected and r["after"] == expected
+        before, after = r["placement_before"], r["placement_after"]
+        assert after != before and all(sorted(after[i]) == sorted(before[i]) for i in before)
+        assert r["bytes_read"] > 0  # experts new to the rank came from the checkpoint
+    assert ranks[0]["placement_after"] == ranks[1]["placement_after"]
