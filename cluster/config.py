@@ -105,6 +105,9 @@ class ClusterConfig:
     max_body_bytes: int = 8 << 20  # HTTP request body limit (413 beyond)
     max_concurrency: int = 256  # actor threads per worker (one per concurrent long-poll)
     ep_timeout_s: float = 30.0  # an expert-parallel collective waiting longer fails (dead peer)
+    redundant_experts: int = 0  # EPLB: extra expert slots per rank per MoE layer
+    eplb_interval_s: float = 0.0  # EPLB: rebalance this often (0: only on request)
+    eplb_max_moved_fraction: float = 0.2  # EPLB: share of a layer's slots one rebalance may move
 
     def __post_init__(self) -> None:
         unknown = set(self.pools) - set(ROLES)

@@ -291,6 +291,19 @@ class Ingress:
         body = await self._parse(request, MoveRequest, check_model=False)
         return await self._admin(self.pool.move.remote(body.instance, body.role))
 
+    @app.post("/admin/eplb/rebalance")
+    async def eplb_rebalance(self, request: Request) -> dict[str, Any]:
+        """One EPLB round now; body ``{"instance": "i3"}`` or empty for every EP instance."""
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, 'the body must be JSON: {} or {"instance": "i3"}') from None
+        instance = body.get("instance") if isinstance(body, dict) else None
+        if instance is not None and not isinstance(instance, str):
+            raise ApiError(400, 'instance must be an instance id string, e.g. "i3"')
+        return {"rebalances": await self._admin(self.pool.rebalance.remote(instance))}
+
     # ---- internals --------------------------------------------------------------------------
     async def _admin(self, response: Any) -> dict[str, Any]:
         try:

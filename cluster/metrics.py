@@ -96,7 +96,29 @@ class PoolMetrics:
         self.pd_ratio = Gauge(
             "tidal_planner_prefill_fraction", "planner's recommended prefill share of instances"
         )
+        self.balancedness = Gauge(
+            "tidal_eplb_balancedness",
+            "mean / max rank load per MoE layer over the last window (EPLB)",
+            ("instance_id", "layer"),
+        )
+        self.rebalances = Counter(
+            "tidal_eplb_rebalances_total", "EPLB rounds by outcome", ("outcome",)
+        )
+        self.moved_slots = Counter("tidal_eplb_moved_slots_total", "expert slots re-pointed")
+        self.moved_bytes = Counter("tidal_eplb_bytes_read_total", "expert weight bytes staged")
+        self.rebalance_s = Gauge("tidal_eplb_rebalance_seconds", "duration of the last round")
         self._seen: set[tuple[str, str]] = set()
+
+    def rebalanced(self, result: Any) -> None:
+        """One EPLB round (``cluster.rebalance.RebalanceResult``)."""
+        outcome = "failed" if result.error else ("moved" if result.num_moved_slots else "kept")
+        self.rebalances.inc(1.0, {"outcome": outcome})
+        for layer, b in enumerate(result.balancedness_after):
+            self.balancedness.set(b, {"instance_id": result.instance_id, "layer": str(layer)})
+        if result.num_moved_slots:
+            self.moved_slots.inc(float(result.num_moved_slots))
+            self.moved_bytes.inc(float(result.bytes_read))
+            self.rebalance_s.set(result.seconds)
 
     def instance_died(self, role: str) -> None:
         self.deaths.inc(1.0, {"role": role})

@@ -39,6 +39,7 @@ from cluster.instance import (
 from cluster.metrics import PoolMetrics
 from cluster.placement import cluster_has_gpus
 from cluster.planning import PlannerFeed
+from cluster.rebalance import rebalance_instance
 from scheduler.actor import make_scheduler_actor
 from scheduler.planner import SLO
 from scheduler.state import SchedulerError
@@ -62,7 +63,11 @@ class PoolManager:
         self._watcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._last_error: str | None = None
-        self._num_replaced = 0  # dead instances removed (each one replaced by reconciling)
+        self._num_replaced = 0
+        self._eplb_version = 0  # placement versions handed out (one sequence per deployment)
+        self._last_rebalance = (
+            time.monotonic()
+        )  # dead instances removed (each one replaced by reconciling)
         self._planner = PlannerFeed(
             SLO(ttft_s=config.scheduler.ttft_slo_s, itl_s=config.itl_slo_s),
             config.decode_stage.max_batch_size,
@@ -178,6 +183,35 @@ class PoolManager:
                 self._targets[old] -= 1
                 self._targets[role] += 1
         return await self.snapshot()
+
+    async def rebalance(self, instance_id: str | None = None) -> list[dict[str, Any]]:
+        """One EPLB round on ``instance_id``, or on every serving expert-parallel instance."""
+        await self._ensure_started()
+        insts = [
+            i
+            for i in self._instances.values()
+            if i.state == SERVING and i.num_ranks > 1
+            and (instance_id is None or i.instance_id == instance_id)
+        ]  # fmt: skip
+        if instance_id is not None and not insts:
+            raise ValueError(
+                f"{instance_id!r} is not a serving expert-parallel instance; pick one with "
+                "num_ranks > 1 from GET /admin/pools"
+            )
+        results = []
+        for inst in insts:
+            self._eplb_version += 1
+            result = await rebalance_instance(
+                inst.instance_id,
+                inst.ranks,
+                self.config.pool(inst.role).num_nodes,
+                self._eplb_version,
+                self.config.eplb_max_moved_fraction,
+            )
+            self._metrics.rebalanced(result)
+            results.append(asdict(result))
+        self._last_rebalance = time.monotonic()
+        return results
 
     async def report_failure(self, unit_id: str) -> None:
         """The ingress saw a call to a rank (scheduler unit ``unit_id``) fail: check its
@@ -318,6 +352,9 @@ class PoolManager:
         sched = await self.scheduler.stats.remote()
         now = time.monotonic()
         self._metrics.update(counts, sched, now)
+        interval = self.config.eplb_interval_s
+        if interval and now - self._last_rebalance >= interval:
+            await self.rebalance()
         if self._planner.is_due(now):
             stats = await asyncio.gather(
                 *(

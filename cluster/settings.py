@@ -88,7 +88,13 @@ class ServeSettings(BaseModel):
         None, ge=0, description="activations/workspace per rank (GB); None: 10% of gpu_mem_gb"
     )
     redundant_experts: int = Field(
-        0, ge=0, description="extra EPLB expert slots per rank per MoE layer (planned only)"
+        0, ge=0, description="extra expert slots per rank per MoE layer (EPLB replicas)"
+    )
+    eplb_interval_s: float = Field(
+        0.0, ge=0, description="rebalance expert-parallel instances this often; 0: on request"
+    )
+    eplb_max_moved_fraction: float = Field(
+        0.2, gt=0, le=1, description="largest share of a layer's slots one rebalance may move"
     )
     # ---- scheduling and stages
     ttft_slo_s: float = Field(2.0, gt=0)
@@ -276,6 +282,9 @@ class ServeSettings(BaseModel):
             drain_timeout_s=self.drain_timeout_s,
             max_attempts=self.max_attempts,
             max_body_bytes=self.max_body_bytes,
+            redundant_experts=self.redundant_experts,
+            eplb_interval_s=self.eplb_interval_s,
+            eplb_max_moved_fraction=self.eplb_max_moved_fraction,
         )
 
 

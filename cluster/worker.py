@@ -106,6 +106,7 @@ class RankWorker:
                 num_experts,
                 backend="nccl" if spec.device == "cuda" else "gloo",
                 timeout_s=self.config.ep_timeout_s,
+                num_slots=num_experts + self.config.redundant_experts * self.num_ranks,
             )
         kwargs: dict[str, Any] = {"num_pages": spec.num_pages} if spec.num_pages else {}
         self.engine = Engine.load(
@@ -263,6 +264,30 @@ class RankWorker:
         with self._lock:
             stage = self._owners.pop(request_id, None) or self._stage
         stage.cancel(request_id)
+
+    # ---- EPLB (pool manager) ----------------------------------------------------------------
+    def expert_load(self) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Tokens this rank routed to each logical expert per MoE layer since the last call,
+        and the placement it serves (MoE layer -> slot -> logical expert)."""
+        counts = {i: c.tolist() for i, c in self.engine.expert_counts.items()}
+        last, self._last_counts = getattr(self, "_last_counts", {}), counts
+        window = {
+            i: [n - m for n, m in zip(c, last.get(i, [0] * len(c)), strict=True)]
+            for i, c in counts.items()
+        }
+        return window, self.engine.placement
+
+    @ray.method(concurrency_group=BLOCKING)
+    def stage_placement(self, version: int, placement: dict[int, list[int]]) -> int:
+        """Read the new slots' weights (on an actor thread, never the step thread); the swap
+        follows at the ranks' common ticks. Bytes read from the checkpoint; raises on failure."""
+        return self.engine.stage_placement(version, placement)
+
+    def abort_placement(self, version: int) -> bool:
+        return self.engine.abort_placement(version)
+
+    def is_resharding(self) -> bool:
+        return self.engine.is_resharding
 
     # ---- state ------------------------------------------------------------------------------
     def stats(self) -> WorkerStats:

@@ -25,6 +25,8 @@ from tests.e2e.conftest import (
 
 APP = "ep"
 EP = {"cpus_per_rank": 0.2, "decode_local_threshold": 0, "num_pages": 160}
+# one redundant expert slot per rank: 8 experts in 10 slots per MoE layer (EPLB replicas)
+EPLB = {"redundant_experts": 1}
 
 
 def _serving(url: str, role: str) -> list[dict]:
@@ -55,7 +57,7 @@ class TestDisaggregatedEP2:
     def url(self, serve_url, tiny_model_dir):
         with deployed(
             serve_url, tiny_model_dir, APP, prefill=1, decode=1, prefill_ranks=2, decode_ranks=2,
-            **EP,
+            **EP, **EPLB,
         ) as u:  # fmt: skip
             yield u
 
@@ -75,6 +77,25 @@ class TestDisaggregatedEP2:
             for r, s in enumerate(i["rank_stats"])
         }
         assert sum(n > 0 for n in work.values()) >= 3, work  # requests landed on several ranks
+        _assert_idle_pages(url)
+
+    def test_rebalance_moves_experts_live_and_tokens_stay(self, url, greedy_cases):
+        skewed = [(p, e) for p, e in greedy_cases[:2]] * 3  # the same prompts: hot experts
+        assert http_complete_all(url, skewed) == [e for _, e in skewed]
+        r = httpx.post(f"{url}/admin/eplb/rebalance", json={}, timeout=300)
+        assert r.status_code == 200, r.text
+        rounds = r.json()["rebalances"]
+        assert len(rounds) == 2 and all(x["error"] is None for x in rounds), rounds
+        assert sum(x["num_moved_slots"] for x in rounds) > 0, rounds
+        for x in rounds:  # the planner's answer is at least as balanced on the window it saw
+            assert min(x["balancedness_after"]) >= min(x["balancedness_before"]) - 1e-9
+        outs = http_complete_all(url, greedy_cases)  # served by the new placement
+        assert outs == [e for _, e in greedy_cases]
+        bad = httpx.post(f"{url}/admin/eplb/rebalance", json={"instance": "nope"}, timeout=30)
+        assert bad.status_code == 400 and "expert-parallel" in bad.text
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        assert "tidal_eplb_rebalances_total" in metrics
+        assert "tidal_eplb_balancedness" in metrics
         _assert_idle_pages(url)
 
     def test_grow_then_kill_a_decode_rank_mid_stream(self, url, reference_engine):
