@@ -58,9 +58,13 @@ def run_ranks(model_dir: Path, tmp_path: Path, num_slots: int = 0) -> list[dict]
         )  # fmt: skip
         for r in range(NUM_RANKS)
     ]
-    for p in procs:
-        output, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, output[-3000:]
+    try:
+        for p in procs:
+            output, _ = p.communicate(timeout=240)
+            assert p.returncode == 0, output[-3000:]
+    finally:  # a rank left waiting on a collective must not outlive the test
+        for p in procs:
+            p.kill()
     return [torch.load(o) for o in outs]
 
 
