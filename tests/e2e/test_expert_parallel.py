@@ -93,9 +93,15 @@ class TestDisaggregatedEP2:
         assert outs == [e for _, e in greedy_cases]
         bad = httpx.post(f"{url}/admin/eplb/rebalance", json={"instance": "nope"}, timeout=30)
         assert bad.status_code == 400 and "expert-parallel" in bad.text
-        metrics = httpx.get(f"{url}/metrics", timeout=30).text
-        assert "tidal_eplb_rebalances_total" in metrics
-        assert "tidal_eplb_balancedness" in metrics
+        wait_for(  # Ray exports metrics every few seconds
+            lambda: all(
+                name in httpx.get(f"{url}/metrics", timeout=30).text
+                for name in ("tidal_eplb_rebalances_total", "tidal_eplb_balancedness")
+            ),
+            timeout_s=60,
+            interval_s=1.0,
+            what="the EPLB metrics on /metrics",
+        )
         _assert_idle_pages(url)
 
     def test_grow_then_kill_a_decode_rank_mid_stream(self, url, reference_engine):
