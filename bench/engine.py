@@ -161,16 +161,24 @@ def _random_context(c: ModelConfig, t: int) -> tuple[torch.Tensor, torch.Tensor]
     )
 
 
+def decode_context(engine: Engine, batch: int, steps: int) -> list[str]:
+    """``batch`` sequences holding CONTEXT tokens of random latent KV, with pages for ``steps``
+    more tokens; their ids."""
+    c = engine.config
+    seqs = [f"bench-decode-{i}" for i in range(batch)]
+    c_kv, k_pe = _random_context(c, CONTEXT)
+    for sid in seqs:
+        engine.cache.allocator.allocate(sid, CONTEXT + steps + 1)
+        for layer in range(c.num_hidden_layers):
+            engine.cache.write(sid, layer, 0, c_kv, k_pe)
+    return seqs
+
+
 def ours_decode(engine: Engine, batch: int, steps: int) -> tuple[float, int]:
     """(seconds per step, experts hit summed over layers of the last step) at CONTEXT tokens."""
     c = engine.config
     alloc = engine.cache.allocator
-    seqs = [f"bench-decode-{i}" for i in range(batch)]
-    c_kv, k_pe = _random_context(c, CONTEXT)
-    for sid in seqs:
-        alloc.allocate(sid, CONTEXT + steps + 1)
-        for layer in range(c.num_hidden_layers):
-            engine.cache.write(sid, layer, 0, c_kv, k_pe)
+    seqs = decode_context(engine, batch, steps)
     tokens = torch.randint(0, c.vocab_size, (batch,)).tolist()
     try:
         engine.decode(seqs, tokens, [CONTEXT] * batch)  # warm-up

@@ -44,7 +44,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.engine import CONTEXT, DTYPES, _random_context  # noqa: E402
+from bench.engine import CONTEXT, DTYPES, decode_context  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.engine import Engine  # noqa: E402
 from model.parallel import ExpertParallel  # noqa: E402
@@ -94,12 +94,7 @@ def rank_decode(engine: Engine, batch: int, steps: int, seed: int) -> list[list[
     """Timings of ``steps`` decode steps of ``batch`` sequences at CONTEXT tokens (one warm-up)."""
     c = engine.config
     alloc = engine.cache.allocator
-    seqs = [f"bench-decode-{i}" for i in range(batch)]
-    c_kv, k_pe = _random_context(c, CONTEXT)
-    for sid in seqs:
-        alloc.allocate(sid, CONTEXT + steps + 1)
-        for layer in range(c.num_hidden_layers):
-            engine.cache.write(sid, layer, 0, c_kv, k_pe)
+    seqs = decode_context(engine, batch, steps)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, c.vocab_size, (batch,), generator=g).tolist()
     try:

@@ -71,6 +71,7 @@ class RankWorker:
         self._metrics = WorkerMetrics(self.unit_id)
         self._role = Role(role)
         self._closed = threading.Event()
+        self._last_counts: dict[int, list[int]] = {}  # expert counts at the last expert_load
         self._stage: Stage | None = None  # from launch()
         self._loop_thread: threading.Thread | None = None
 
@@ -270,7 +271,7 @@ class RankWorker:
         """Tokens this rank routed to each logical expert per MoE layer since the last call,
         and the placement it serves (MoE layer -> slot -> logical expert)."""
         counts = {i: c.tolist() for i, c in self.engine.expert_counts.items()}
-        last, self._last_counts = getattr(self, "_last_counts", {}), counts
+        last, self._last_counts = self._last_counts, counts
         window = {
             i: [n - m for n, m in zip(c, last.get(i, [0] * len(c)), strict=True)]
             for i, c in counts.items()

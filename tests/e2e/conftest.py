@@ -98,6 +98,26 @@ def reference_engine(tiny_model_dir):
     return Engine.load(tiny_model_dir)
 
 
+def assert_idle_pages(url: str, timeout_s: float = 60.0) -> None:
+    """Idle: decode ranks hold no pages; prefill and mixed ranks only prefix-cache pages; no
+    request active in the scheduler (every rank of every instance checked)."""
+
+    def settled():
+        snap = pools(url)
+        for inst in snap["instances"]:
+            if len(inst["rank_stats"]) != inst["num_ranks"]:
+                return None
+            for s in inst["rank_stats"]:
+                if s is None:
+                    return None
+                held = 0 if inst["role"] == "decode" else s["num_cached_blocks"]
+                if s["num_used_pages"] != held or s["num_running"] or s["num_queued"]:
+                    return None
+        return snap["scheduler"]["num_active"] == 0 and snap
+
+    wait_for(settled, timeout_s=timeout_s, what="every page back and no request active")
+
+
 def offline_greedy(engine: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     return engine.generate(prompts, max_tokens)
 

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from tests.e2e.conftest import (
+    assert_idle_pages,
     deployed,
     http_complete_all,
     http_stream,
@@ -31,25 +32,6 @@ EPLB = {"redundant_experts": 1}
 
 def _serving(url: str, role: str) -> list[dict]:
     return [i for i in pools(url)["instances"] if i["state"] == "serving" and i["role"] == role]
-
-
-def _assert_idle_pages(url: str) -> None:
-    """Idle: decode ranks hold no pages; prefill and mixed ranks only prefix-cache pages."""
-
-    def settled():
-        snap = pools(url)
-        for inst in snap["instances"]:
-            if len(inst["rank_stats"]) != inst["num_ranks"]:
-                return None
-            for s in inst["rank_stats"]:
-                if s is None:
-                    return None
-                held = 0 if inst["role"] == "decode" else s["num_cached_blocks"]
-                if s["num_used_pages"] != held or s["num_running"] or s["num_queued"]:
-                    return None
-        return snap["scheduler"]["num_active"] == 0 and snap
-
-    wait_for(settled, timeout_s=60, what="every page back and no request active")
 
 
 class TestDisaggregatedEP2:
@@ -77,7 +59,7 @@ class TestDisaggregatedEP2:
             for r, s in enumerate(i["rank_stats"])
         }
         assert sum(n > 0 for n in work.values()) >= 3, work  # requests landed on several ranks
-        _assert_idle_pages(url)
+        assert_idle_pages(url)
 
     def test_rebalance_moves_experts_live_and_tokens_stay(self, url, greedy_cases):
         skewed = [(p, e) for p, e in greedy_cases[:2]] * 3  # the same prompts: hot experts
@@ -102,7 +84,7 @@ class TestDisaggregatedEP2:
             interval_s=1.0,
             what="the EPLB metrics on /metrics",
         )
-        _assert_idle_pages(url)
+        assert_idle_pages(url)
 
     def test_grow_then_kill_a_decode_rank_mid_stream(self, url, reference_engine):
         r = httpx.post(f"{url}/admin/pools", json={"decode": 2}, timeout=300)
@@ -144,7 +126,7 @@ class TestDisaggregatedEP2:
         )
         assert all(i["num_ranks"] == 2 for i in healed)
         assert pools(url)["num_replaced"] >= 1
-        _assert_idle_pages(url)
+        assert_idle_pages(url)
 
 
 class TestColocatedEP2:
@@ -158,4 +140,4 @@ class TestColocatedEP2:
     def test_greedy_tokens_match_offline(self, url, greedy_cases):
         outs = http_complete_all(url, greedy_cases)  # all at once: several ranks work
         assert outs == [e for _, e in greedy_cases]
-        _assert_idle_pages(url)
+        assert_idle_pages(url)

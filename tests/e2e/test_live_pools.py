@@ -14,6 +14,7 @@ import ray
 
 from tests.e2e.conftest import (
     LONG_PROMPT_LEN,
+    assert_idle_pages,
     deployed,
     http_complete,
     http_stream,
@@ -38,23 +39,6 @@ def _serving(url: str) -> dict[str, list[str]]:
         if inst["state"] == "serving":
             out[inst["role"]].append(inst["instance_id"])
     return out
-
-
-def _assert_no_leaks(url: str) -> None:
-    """Idle: decode instances hold no pages; prefill instances hold only prefix-cache pages."""
-
-    def settled():
-        snap = pools(url)
-        for inst in snap["instances"]:
-            s = inst["stats"]
-            if s is None:
-                return None
-            held = 0 if inst["role"] == "decode" else s["num_cached_blocks"]
-            if s["num_used_pages"] != held or s["num_running"] or s["num_queued"]:
-                return None
-        return snap["scheduler"]["num_active"] == 0 and snap
-
-    wait_for(settled, timeout_s=30, what="every page back and no request active")
 
 
 def _kill(instance_id: str) -> None:
@@ -103,7 +87,7 @@ def test_grow_and_move_while_requests_flow(url, reference_engine):
     assert moved in serving["decode"] and len(serving["prefill"]) == 1
     assert len(serving["decode"]) == 2
     assert pools(url)["targets"] == {"prefill": 1, "decode": 2, "mixed": 0}
-    _assert_no_leaks(url)
+    assert_idle_pages(url, timeout_s=30)
 
 
 def test_decode_killed_mid_stream_resumes(url, reference_engine):
@@ -140,7 +124,7 @@ def test_decode_killed_mid_stream_resumes(url, reference_engine):
     )
     assert victim not in healed["decode"]
     assert pools(url)["num_replaced"] >= 1
-    _assert_no_leaks(url)
+    assert_idle_pages(url, timeout_s=30)
 
 
 def test_prefill_killed_mid_prefill_is_rerouted(url, greedy_cases):
@@ -168,5 +152,5 @@ def test_prefill_killed_mid_prefill_is_rerouted(url, greedy_cases):
         timeout_s=120,
         what="a replacement prefill instance",
     )
-    _assert_no_leaks(url)
+    assert_idle_pages(url, timeout_s=30)
     assert pools(url)["num_replaced"] >= 2
