@@ -6,8 +6,10 @@ Per token: ``q = W_qb · norm(W_qa · x)`` (or ``W_q · x``) split per head into
 is what the cache stores. ``W_kvb`` lifts the latent to per-head keys and values:
 ``k_nope[h] = W_UK[h] · c_kv``, ``v[h] = W_UV[h] · c_kv``.
 
-- Prefill (a chunk of T tokens at positions [start, start+T)): write the chunk's latent, read
-  the latent of [0, start+T) back from the cache, decompress K/V and attend causally.
+- Prefill (a chunk of T tokens at positions [start, start+T)): write the chunk's latent, then
+  walk [0, start+T) in blocks of ``KV_BLOCK`` cached tokens: read a block's latent back,
+  decompress its K/V through ``kv_b`` and merge it into an online softmax (``OnlineSoftmax``).
+  A chunk's temporary memory is O(T x KV_BLOCK), whatever the prefix length.
 - Decode (one token per sequence): the absorbed form. ``q_lat[h] = W_UK[h]^T · q_nope[h]``, so
   ``score = q_lat · c_kv + q_pe · k_pe`` runs directly on cached records, and the latent
   output is lifted once by ``W_UV`` (``model.kernels.mla_decode``, paged over block tables).
@@ -27,31 +29,55 @@ from model.rope import RotaryEmbedding, apply_rope
 from model.weights import Weight, cat_weights, dense_weight
 
 ATTENTION_BLOCK = 256  # queries per score block in prefill attention
+KV_BLOCK = 1024  # cached tokens expanded through kv_b at a time in prefill attention
 
 
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float
-) -> torch.Tensor:
-    """Query i (position start+i) attends keys j <= start+i.
+class OnlineSoftmax:
+    """Flash-style attention state of T queries, merged one key block at a time.
 
-    q [T, n, dq], k [S, n, dq], v [S, n, dv] with S = start + T -> [T, n, dv]. Queries go in
-    blocks; a block only multiplies the keys it can see (the upper triangle is never computed)
-    and masks just its diagonal square. Softmax in fp32.
+    Keeps the running row max ``m`` and sum ``l`` (fp32 [n, T]) and the unnormalised output
+    ``acc`` (fp32 [n, T, dv]); a block's scores exist only while it is merged, so the memory of
+    a chunk's attention does not depend on how many keys it sees.
     """
-    t, n, _ = q.shape
-    qh = q.transpose(0, 1).contiguous()  # [n, T, dq]
-    kh = k.transpose(0, 1).contiguous()  # [n, S, dq]
-    vh = v.transpose(0, 1).contiguous()  # [n, S, dv]
-    out = q.new_empty(n, t, v.shape[-1])
-    for lo in range(0, t, ATTENTION_BLOCK):
-        hi = min(lo + ATTENTION_BLOCK, t)
-        visible = start + hi
-        scores = torch.bmm(qh[:, lo:hi], kh[:, :visible].transpose(1, 2)).mul_(scale)  # [n, b, S']
-        diag = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=q.device).triu(1)
-        scores[:, :, start + lo : visible].masked_fill_(diag, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out[:, lo:hi] = torch.bmm(probs, vh[:, :visible])  # [n, b, dv]
-    return out.transpose(0, 1)
+
+    def __init__(self, q: torch.Tensor, start: int, scale: float, d_v: int) -> None:
+        """q [T, n, dq]: queries at positions [start, start+T)."""
+        t, n, _ = q.shape
+        self.qh = q.transpose(0, 1).contiguous()  # [n, T, dq]
+        self.start, self.scale = start, scale
+        self.m = q.new_full((n, t), float("-inf"), dtype=torch.float32)
+        self.l = q.new_zeros(n, t, dtype=torch.float32)
+        self.acc = q.new_zeros(n, t, d_v, dtype=torch.float32)
+
+    def merge(self, k0: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Attend to keys at positions [k0, k0+kb): k [kb, n, dq], v [kb, n, dv].
+
+        Query i (position start+i) sees key j iff j <= start+i; query rows that see none of the
+        block are skipped, so every merged row has a finite max.
+        """
+        kb = k.shape[0]
+        kh = k.transpose(0, 1)  # [n, kb, dq]
+        vh = v.transpose(0, 1)  # [n, kb, dv]
+        t = self.qh.shape[1]
+        for lo in range(max(0, k0 - self.start), t, ATTENTION_BLOCK):
+            hi = min(lo + ATTENTION_BLOCK, t)
+            s = torch.bmm(self.qh[:, lo:hi], kh.transpose(1, 2)).float().mul_(self.scale)
+            if k0 + kb - 1 > self.start + lo:  # some key lies after some query of this block
+                q_pos = torch.arange(self.start + lo, self.start + hi, device=s.device)
+                k_pos = torch.arange(k0, k0 + kb, device=s.device)
+                s.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))  # [b, kb]
+            m_old = self.m[:, lo:hi]
+            m_new = torch.maximum(m_old, s.amax(dim=-1))  # [n, b]
+            p = torch.exp(s - m_new[..., None])  # [n, b, kb]
+            corr = torch.exp(m_old - m_new)  # 0 where nothing was merged yet
+            self.l[:, lo:hi] = self.l[:, lo:hi] * corr + p.sum(dim=-1)
+            pv = torch.bmm(p.to(vh.dtype), vh).float()  # [n, b, dv]
+            self.acc[:, lo:hi] = self.acc[:, lo:hi] * corr[..., None] + pv
+            self.m[:, lo:hi] = m_new
+
+    def output(self, dtype: torch.dtype) -> torch.Tensor:
+        """[T, n, dv]: the softmax-weighted values over every merged key."""
+        return (self.acc / self.l[..., None]).to(dtype).transpose(0, 1)
 
 
 class MLA:
@@ -137,15 +163,32 @@ class MLA:
         end = start + t
         q_nope, q_pe, c_kv, k_pe = self._project(x, positions)
         cache.write(seq_id, layer, start, c_kv, k_pe)
-        # everything from the cache, so chunking and the KV format act the same for every token
-        c_all, k_pe_all = cache.read(seq_id, layer, end)  # fp32 [S, R], [S, dr]
-        c_all, k_pe_all = c_all.to(x.dtype), k_pe_all.to(x.dtype)
-        kv = linear(c_all, self.kv_b).view(end, self.n_heads, self.d_nope + self.d_v)
-        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [S, n, dn], [S, n, dv]
-        k = torch.cat([k_nope, k_pe_all[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, n, dn+dr]
-        out = causal_attention(q, k, v, start, self.scale)  # [T, n, dv]
+        state = OnlineSoftmax(q, start, self.scale, self.d_v)
+        # Keys come from the cache a block at a time (so chunking and the KV format act the same
+        # for every token): the prefix is never decompressed whole.
+        for k0 in range(0, end, KV_BLOCK):
+            k, v = self._expand(cache, seq_id, layer, k0, min(k0 + KV_BLOCK, end), x.dtype)
+            state.merge(k0, k, v)
+        out = state.output(x.dtype)  # [T, n, dv]
         return linear(out.reshape(t, self.n_heads * self.d_v), self.o_proj)
+
+    def _expand(
+        self,
+        cache: PagedLatentCache,
+        seq_id: Hashable,
+        layer: int,
+        k0: int,
+        k1: int,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached tokens [k0, k1) lifted by kv_b: k [kb, n, dn+dr], v [kb, n, dv]."""
+        c_kv, k_pe = cache.read(seq_id, layer, k1, k0)  # fp32 [kb, R], [kb, dr]
+        kb = k1 - k0
+        kv = linear(c_kv.to(dtype), self.kv_b).view(kb, self.n_heads, self.d_nope + self.d_v)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)  # [kb, n, dn], [kb, n, dv]
+        k_rope = k_pe.to(dtype)[:, None, :].expand(-1, self.n_heads, -1)
+        return torch.cat([k_nope, k_rope], dim=-1), v
 
     # ---- decode: absorbed attention over pages ------------------------------------------------
     def decode(
