@@ -74,9 +74,18 @@ class EngineSpec:
     weight_format: str = "auto"  # auto | fp8 | dequantize: block-FP8 linears kept FP8 or not
     kv_format: str = "auto"  # KV cache format of every worker; auto = the model dtype
     num_pages: int | None = None  # None: the engine sizes it
+    # KV pages per rank by role (a decode rank holds whole contexts, a prefill rank a prompt and
+    # its prefix cache); None: num_pages. A moved instance keeps the cache it was built with.
+    prefill_num_pages: int | None = None
+    decode_num_pages: int | None = None  # also mixed ranks
     page_size: int = 64
     chunk_size: int = 512
     num_threads: int = 1  # torch intra-op threads per rank (CPU)
+
+    def num_pages_for(self, role: str) -> int | None:
+        """KV pages of a rank built for ``role`` (None: the engine's default)."""
+        by_role = self.prefill_num_pages if role == "prefill" else self.decode_num_pages
+        return by_role or self.num_pages
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 GB = 10**9
 DEFAULT_RESERVE_FRACTION = 0.10  # activations, MoE dispatch buffers, NCCL, CUDA graphs
-DEFAULT_CACHE_TOKENS = 32768  # model.engine.DEFAULT_MAX_NUM_TOKENS: the cache without num_pages
 FP8_SCALE_BYTES = 4  # one fp32 scale_inv per weight block
 KV_FP8_GROUP = 128  # latent values per fp32 scale in the fp8 KV format
 WEIGHT_FORMATS = ("auto", "fp8", "dequantize")  # Engine.load's (model.weights.WeightFormat)
@@ -528,14 +527,14 @@ def plan_from_settings(
     settings: ServeSettings, config: ModelConfig, gpu_mem_gb: float
 ) -> ClusterPlan:
     """The plan of a deployment on GPUs of ``gpu_mem_gb`` GB: the check ``tidal serve`` and
-    ``build_app`` run before starting anything. Its cache is ``num_pages x page_size`` tokens
-    per rank, or the engine's default (min(32K, max_position_embeddings))."""
+    ``build_app`` run before starting anything. Its cache is the larger per-role KV size
+    (``ServeSettings.kv_pages``) x page_size tokens per rank."""
     s = settings
     kv_format = _DTYPE_KV_FORMATS.get(s.dtype) if s.kv_format == "auto" else s.kv_format
     if kv_format is None:
         raise PlanError(f"kv_format auto has no KV format for dtype {s.dtype}; name one")
-    default_cache = min(DEFAULT_CACHE_TOKENS, config.max_position_embeddings)
-    num_pages = s.num_pages or -(-default_cache // s.page_size)
+    # one size for every role: the larger of the two, so the check is never optimistic
+    num_pages = max(s.kv_pages(layout.role, config) for layout in settings_layouts(s))
     options = PlanOptions(
         weight_format=s.weight_format,
         dtype=s.dtype,

@@ -61,7 +61,15 @@ class ServeSettings(BaseModel):
         "auto", description="KV cache format of every worker; auto = the model dtype"
     )
     wire_format: KVFormatName | None = Field(None, description="KV on the wire; None -> kv_format")
-    num_pages: int | None = Field(None, gt=0, description="KV pages per worker; None -> engine")
+    num_pages: int | None = Field(
+        None, gt=0, description="KV pages per rank of every role; None -> max_model_len tokens"
+    )
+    prefill_kv_tokens: int | None = Field(
+        None, gt=0, description="KV tokens per prefill rank (prompt, prefix cache); else num_pages"
+    )
+    decode_kv_tokens: int | None = Field(
+        None, gt=0, description="KV tokens per decode/mixed rank; None -> num_pages"
+    )
     page_size: int = Field(64, gt=0)
     chunk_size: int = Field(512, gt=0, description="prefill chunk (tokens)")
     num_threads: int = Field(1, gt=0, description="torch threads per rank")
@@ -212,6 +220,15 @@ class ServeSettings(BaseModel):
         log.info("memory plan (per rank):\n%s", plan.table())
         return plan
 
+    def kv_pages(self, role: str, mc: ModelConfig) -> int:
+        """KV pages per rank of ``role`` ("prefill", or "decode" for decode and mixed): its
+        ``*_kv_tokens``, else ``num_pages``, else one ``max_model_len`` context, so the default
+        decode rank holds the longest request and the default prefill rank the longest prompt."""
+        tokens = self.prefill_kv_tokens if role == "prefill" else self.decode_kv_tokens
+        if tokens is None:
+            return self.num_pages or -(-mc.max_model_len // self.page_size)
+        return -(-tokens // self.page_size)
+
     def to_config(self) -> ClusterConfig:
         from model.config import ModelConfig
         from model.kv_cache import bytes_per_token, resolve_kv_format
@@ -228,6 +245,8 @@ class ServeSettings(BaseModel):
             weight_format=self.weight_format,
             kv_format=kv_format,
             num_pages=self.num_pages,
+            prefill_num_pages=self.kv_pages("prefill", mc),
+            decode_num_pages=self.kv_pages("decode", mc),
             page_size=self.page_size,
             chunk_size=self.chunk_size,
             num_threads=self.num_threads,

@@ -74,6 +74,7 @@ class RankWorker:
         self._last_counts: dict[int, list[int]] = {}  # expert counts at the last expert_load
         self._stage: Stage | None = None  # from launch()
         self._loop_thread: threading.Thread | None = None
+        self._busy_s = 0.0  # seconds in steps that did work (the step loop's utilisation)
 
     # ---- lifecycle (pool manager) -----------------------------------------------------------
     def rendezvous_address(self) -> str:
@@ -109,7 +110,8 @@ class RankWorker:
                 timeout_s=self.config.ep_timeout_s,
                 num_slots=num_experts + self.config.redundant_experts * self.num_ranks,
             )
-        kwargs: dict[str, Any] = {"num_pages": spec.num_pages} if spec.num_pages else {}
+        num_pages = spec.num_pages_for(self._role.value)
+        kwargs: dict[str, Any] = {"num_pages": num_pages} if num_pages else {}
         self.engine = Engine.load(
             spec.model_dir,
             dtype=getattr(torch, spec.dtype),
@@ -196,6 +198,7 @@ class RankWorker:
         """Stop the loop, cancel everything, free every page, close the receiver."""
         self._closed.set()
         self._is_reporting = False
+        self._metrics.close()
         if self._stage is None:  # never started
             return
         self._stop_loop()
@@ -299,6 +302,7 @@ class RankWorker:
             role=role.value,
             is_draining=is_draining,
             num_total_pages=self.engine.cache.allocator.num_pages,
+            busy_s=self._busy_s,
             **asdict(stage.state()),
         )
 
@@ -361,6 +365,7 @@ class RankWorker:
     def _step_forever(self, stage: Stage, stop: threading.Event) -> None:
         idle_wait_s = 0.01 if self.engine.ep is not None else 0.05
         while not stop.is_set():
+            t0 = time.perf_counter()
             try:
                 # an expert-parallel rank with nothing to run joins the busy ranks' ticks
                 did_work = stage.step() or self.engine.idle_tick()
@@ -368,6 +373,8 @@ class RankWorker:
                 log.exception("%s: step failed", self.unit_id)
                 did_work = False
                 time.sleep(0.05)
+            if did_work:  # an idle tick counts: the rank waits on its busy peers' collectives
+                self._busy_s += time.perf_counter() - t0
             if not did_work:
                 stage.wait_for_work(idle_wait_s)
 

@@ -31,6 +31,23 @@ _COMMON: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,
 }
 
+# Like Kimi-K2-Instruct-0905: a 256K context, YaRN stretching the original window to it.
+MAX_CONTEXT = 262_144
+
+
+def _yarn(original_max_position_embeddings: int) -> dict[str, Any]:
+    """K2's YaRN settings with the factor that stretches ``original`` to ``MAX_CONTEXT``."""
+    return {
+        "type": "yarn",
+        "factor": MAX_CONTEXT / original_max_position_embeddings,
+        "original_max_position_embeddings": original_max_position_embeddings,
+        "beta_fast": 1.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+
+
 _K2_TINY: dict[str, Any] = {
     **_COMMON,
     "model_type": "kimi_k2",
@@ -54,16 +71,8 @@ _K2_TINY: dict[str, Any] = {
     "routed_scaling_factor": 2.827,
     "norm_topk_prob": True,
     "rope_theta": 50000.0,
-    "max_position_embeddings": 8192,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 2048,
-        "beta_fast": 1.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
+    "max_position_embeddings": MAX_CONTEXT,
+    "rope_scaling": _yarn(2048),
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -86,12 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "v_head_dim": 128,
         "n_routed_experts": 32,
         "num_experts_per_tok": 6,
-        "max_position_embeddings": 65536,
-        "rope_scaling": {
-            **_K2_TINY["rope_scaling"],
-            "factor": 16.0,
-            "original_max_position_embeddings": 4096,
-        },
+        "rope_scaling": _yarn(4096),
     },
     # DeepSeek-V3-style grouped routing: 4 groups of 4 experts, best 2 groups, top-4.
     "dsv3-tiny": {

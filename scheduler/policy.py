@@ -126,11 +126,14 @@ class Scheduler:
         if not decoders:
             return self._reject(spec, 503, "no_instances", "no decode or mixed instance is up")
         num_pages = self.config.pages_needed(spec.num_tokens)
-        if not any(i.decode and i.decode.num_total_pages >= num_pages for i in decoders):
+        largest = max((i.decode.num_total_pages for i in decoders if i.decode), default=0)
+        if largest < num_pages:
             return self._reject(
                 spec, 503, "no_capacity",
-                f"{spec.num_tokens} tokens need {num_pages} KV pages; no decode instance "
-                "that has reported holds that many; lower max_tokens",
+                f"prompt ({spec.prompt_len} tokens) + max_tokens ({spec.max_tokens}) = "
+                f"{spec.num_tokens} tokens need {num_pages} KV pages; the largest decode rank "
+                f"holds {largest} pages ({largest * self.config.page_size} tokens): lower "
+                "max_tokens, or raise decode_kv_tokens",
             )  # fmt: skip
         option = self._best_option(spec, num_pages, require_pages=True)
         if option is not None:

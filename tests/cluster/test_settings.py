@@ -13,7 +13,7 @@ def test_disaggregated_config_from_model_dir(tiny_model_dir):
     ).to_config()
     assert cfg.pool("prefill").num_instances == 2 and cfg.pool("decode").num_instances == 1
     assert cfg.pool("mixed").num_instances == 0
-    assert cfg.scheduler.max_model_len == 8192  # k2-tiny's max_position_embeddings
+    assert cfg.scheduler.max_model_len == 262144  # k2-tiny's max_position_embeddings
     assert cfg.pool("decode").resources.bundle(has_gpus=False) == {"CPU": 0.5}
     assert cfg.pool("decode").resources.bundle(has_gpus=True) == {"CPU": 0.5, "GPU": 1.0}
     # kv_format auto with the float32 default: fp32 latent, (kv_lora_rank 128 + rope 16) x 4
@@ -174,5 +174,5 @@ def test_memory_check_on_cpu_is_skipped_unless_gpu_mem_gb_is_set(tiny_model_dir,
     )
     decode = planned.ranks[1]
     assert (decode.layout.num_ranks, decode.num_expert_slots) == (2, 4)
-    assert planned.options.num_cache_tokens == 8192  # the engine's default: max_model_len here
+    assert planned.options.num_cache_tokens == 262144  # default: one max_model_len context
     assert planned.held.name == "float32" and planned.options.kv_format == "fp32"

@@ -43,7 +43,7 @@ def client(url, client_factory):
 def test_models_and_health(url):
     models = httpx.get(f"{url}/v1/models").json()
     assert models["data"][0]["id"] == MODEL_NAME
-    assert models["data"][0]["max_model_len"] == 8192
+    assert models["data"][0]["max_model_len"] == 262144
     assert "/" not in json.dumps(models["data"][0]["root"])  # no server path published
     health = httpx.get(f"{url}/health").json()
     assert health["is_ready"] and health["serving"] == {"prefill": 1, "decode": 1, "mixed": 0}
@@ -136,12 +136,12 @@ def test_seed_and_stop(client, reference_engine):
 def test_over_long_prompt_is_400_with_numbers(url):
     r = httpx.post(
         f"{url}/v1/completions",
-        json={"model": MODEL_NAME, "prompt": make_prompt(8000, 3), "max_tokens": 500},
+        json={"model": MODEL_NAME, "prompt": make_prompt(8000, 3), "max_tokens": 255_000},
         timeout=60,
     )
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
-    assert "8000" in message and "8192" in message
+    assert "8000" in message and "255000" in message and "262144" in message
 
 
 BAD_INPUTS = [
