@@ -36,7 +36,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from cluster.config import ClusterConfig
 from cluster.errors import ApiError, StreamError
 from cluster.messages import WorkerError
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, TokenLogprob
 from decode.jobs import DecodeJob
 from prefill.jobs import PrefillJob
 from scheduler.state import Rejection, RequestSpec, RouteDecision
@@ -69,6 +69,7 @@ class Started:
 @dataclass(frozen=True)
 class Tokens:
     token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None  # one per token when the sampling asked
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class Flow:
                     cursor = batch.cursor
                     if batch.token_ids:
                         generated.extend(batch.token_ids)
-                        yield Tokens(batch.token_ids)
+                        yield Tokens(batch.token_ids, batch.logprobs)
                     if batch.finished:
                         if batch.finish_reason == "abort":
                             raise _Retry(
@@ -281,6 +282,7 @@ class Flow:
             max_tokens,
             gen.stop_token_ids,
             gen.ignore_eos,
+            result.first_logprob,
         )
         refused = await self._call(d.decode_instance_id, decode.start.remote(job))
         _raise_if_refused(refused, d.decode_instance_id)

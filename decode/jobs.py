@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,8 @@ class DecodeJob:
     ``first_token_id`` is the token the prefill instance sampled (its KV arrives by transfer into
     the pages ``reserve`` set aside); ``None`` means "prefill the prompt here first" (decode-local
     prefill, and every request of the colocated ``MixedStage``). The first token counts towards
-    ``max_tokens`` and is the first token ``poll`` returns.
+    ``max_tokens`` and is the first token ``poll`` returns. ``first_logprob``: the prefill's
+    logprob of the first token, when ``sampling.num_logprobs`` asks for logprobs.
     """
 
     request_id: str
@@ -28,6 +29,7 @@ class DecodeJob:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    first_logprob: TokenLogprob | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -47,7 +49,8 @@ class TokenBatch:
 
     ``cursor`` is the position to poll from next (tokens read so far). ``finish_reason``:
     "stop" (EOS or a stop token; the stop token itself is not returned), "length" (max_tokens)
-    or "abort" (cancelled or failed; ``error`` says why when it failed).
+    or "abort" (cancelled or failed; ``error`` says why when it failed). ``logprobs``: one per
+    token when the request's sampling asked for them, else None.
     """
 
     token_ids: list[int]
@@ -55,6 +58,7 @@ class TokenBatch:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

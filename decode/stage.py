@@ -30,13 +30,14 @@ import torch
 
 from common.meter import MeanMeter
 from common.prefix_cache import PrefixCache
+from common.sampling import TokenLogprob
 from common.stage import StageState
 from decode.batch import DecodeSeq, SeqState, select_batch, stop_ids_for
 from decode.jobs import DecodeConfig, DecodeJob, DecodeStats, TokenBatch
 from decode.local_prefill import LocalPrefill
 from decode.reservations import Reservations
 from decode.streams import TokenStreams
-from model.sampling import sample_token
+from model.sampling import sample_token, sample_with_logprob, token_logprob
 
 __all__ = ["DecodeConfig", "DecodeJob", "DecodeStage", "DecodeStats", "TokenBatch"]
 
@@ -312,7 +313,7 @@ class DecodeStage:
             self._streams.finish(seq.request_id, "abort", f"KV transfer failed: {error}")
             return True
         seq.state = SeqState.READY
-        if self._emit(seq, seq.job.first_token_id):
+        if self._emit(seq, seq.job.first_token_id, seq.job.first_logprob):
             self._detach(seq)
             return True
         return False
@@ -345,7 +346,9 @@ class DecodeStage:
                         self._running.append(seq)
             if error is not None or seq.is_cancelled:
                 self._end(seq, error)
-            elif logits is not None and self._emit(seq, sample_token(logits, seq.job.sampling, 0)):
+            elif logits is not None and self._emit(
+                seq, *sample_with_logprob(logits, seq.job.sampling, 0)
+            ):
                 self._end(seq)
         return did_work
 
@@ -357,7 +360,7 @@ class DecodeStage:
         self._batch_size = len(batch)
         if not batch:
             return False
-        error, token_ids = None, []
+        error, token_ids, logprobs = None, [], []
         t0 = time.perf_counter()
         try:
             logits = self.engine.decode(
@@ -365,7 +368,7 @@ class DecodeStage:
                 [seq.last_token_id for seq in batch],
                 [seq.position for seq in batch],
             )  # [B, vocab]
-            token_ids = self._sample(batch, logits)
+            token_ids, logprobs = self._sample(batch, logits)
         except Exception as e:
             error = f"decode failed: {type(e).__name__}: {e}"
         with self._lock:
@@ -375,25 +378,32 @@ class DecodeStage:
         for i, seq in enumerate(batch):
             if error is not None or seq.is_cancelled:
                 self._end(seq, error)
-            elif self._emit(seq, token_ids[i]):
+            elif self._emit(seq, token_ids[i], logprobs[i]):
                 self._end(seq)
         return True
 
-    def _sample(self, batch: list[DecodeSeq], logits: torch.Tensor) -> list[int]:
-        """One token per row: greedy rows with one argmax, the rest with their own generator."""
+    def _sample(
+        self, batch: list[DecodeSeq], logits: torch.Tensor
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per row: greedy rows with one argmax, the rest with their own generator;
+        logprobs only for the rows that ask (the default path stays one argmax)."""
         token_ids = logits.argmax(dim=-1).tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(batch)
         for i, seq in enumerate(batch):
-            if not seq.job.sampling.is_greedy:
-                token_ids[i] = sample_token(logits[i], seq.job.sampling, seq.num_output)
-        return token_ids
+            params = seq.job.sampling
+            if not params.is_greedy:
+                token_ids[i] = sample_token(logits[i], params, seq.num_output)
+            if params.num_logprobs is not None:
+                logprobs[i] = token_logprob(logits[i], token_ids[i], params.num_logprobs)
+        return token_ids, logprobs
 
     # ---- sequence lifecycle -----------------------------------------------------------------
-    def _emit(self, seq: DecodeSeq, token_id: int) -> bool:
-        """Apply a sampled token: stream it, end the stream on a stop condition. True if the
-        sequence finished."""
+    def _emit(self, seq: DecodeSeq, token_id: int, logprob: TokenLogprob | None = None) -> bool:
+        """Apply a sampled token: stream it (with its logprob, if the request asked), end the
+        stream on a stop condition. True if the sequence finished."""
         is_emitted, finish_reason = seq.accept(token_id)
         if is_emitted:
-            self._streams.push(seq.request_id, token_id)
+            self._streams.push(seq.request_id, token_id, logprob)
             self._num_generated += 1
         if finish_reason is None:
             return False

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from common.sampling import TokenLogprob
 from decode.jobs import TokenBatch
 
 
@@ -19,6 +20,7 @@ from decode.jobs import TokenBatch
 class _Stream:
     cond: threading.Condition
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token, for requests that ask
     num_read: int = 0  # the furthest cursor a reader asked from
     finish_reason: str | None = None
     error: str | None = None
@@ -51,12 +53,16 @@ class TokenStreams:
         with self._lock:
             return request_id in self._streams
 
-    def push(self, request_id: str, token_id: int) -> None:
-        """Append a token; dropped if the stream already finished (cancelled meanwhile)."""
+    def push(self, request_id: str, token_id: int, logprob: TokenLogprob | None = None) -> None:
+        """Append a token (and its logprob, for a request that asked); dropped if the stream
+        already finished (cancelled meanwhile)."""
         with self._lock:
             s = self._streams[request_id]
             if not s.is_finished:
                 s.token_ids.append(token_id)
+                if logprob is not None:
+                    s.logprobs = s.logprobs if s.logprobs is not None else []
+                    s.logprobs.append(logprob)
                 s.cond.notify_all()
 
     def finish(self, request_id: str, reason: str, error: str | None = None) -> bool:
@@ -111,7 +117,8 @@ class TokenStreams:
             new = s.token_ids[cursor:]
             end = cursor + len(new)
             s.num_read = max(s.num_read, end)
-            return TokenBatch(new, end, s.is_finished, s.finish_reason, s.error)
+            logprobs = s.logprobs[cursor:end] if s.logprobs is not None else None
+            return TokenBatch(new, end, s.is_finished, s.finish_reason, s.error, logprobs)
 
     def unread_since(self, before: float) -> list[str]:
         """Unfinished streams nobody is polling and nobody polled since ``before``."""

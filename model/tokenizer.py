@@ -234,9 +234,13 @@ class Tokenizer:
         return DecodeStream(self)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render ``messages`` with the model's jinja chat template.
+        """Render ``messages`` (and the OpenAI-style ``tools`` they may call) with the model's
+        jinja chat template.
 
         Each message needs a ``role`` in system/user/assistant/tool and a ``content`` string (or a
         list of ``{"type": "text", "text": ...}`` parts); an assistant message carrying
@@ -252,6 +256,7 @@ class Tokenizer:
         try:
             return self._template.render(
                 messages=checked,
+                tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

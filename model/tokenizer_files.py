@@ -3,7 +3,12 @@
 A small byte-level BPE, built deterministically without training libraries: the 256 byte
 symbols, then merges learned greedily from a fixed corpus (most frequent pair first, ties broken
 by the pair itself), then Kimi-style special tokens at the top of the vocabulary. The chat
-template follows Kimi-K2's layout: ``<|im_user|>user<|im_middle|>...<|im_end|>``.
+template follows Kimi-K2's layout: ``<|im_user|>user<|im_middle|>...<|im_end|>``; declared
+tools go first, as JSON in a ``tool_declare`` system turn; an assistant turn's calls follow its
+content in a tool-call section (``<|tool_calls_section_begin|>``, then per call
+``<|tool_call_begin|>ID<|tool_call_argument_begin|>ARGS<|tool_call_end|>``), where ID is the
+call's own id or K2's ``functions.NAME:IDX``; a tool result is a ``tool`` system turn that starts
+with ``## Return of ID``.
 
 The same vocabulary can also be written as a Kimi ``tiktoken.model`` (base64 token, rank), so the
 tiktoken loading path is tested on generated data.
@@ -40,6 +45,9 @@ SPECIAL_TOKENS = (
 )
 
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "<|im_system|>tool_declare<|im_middle|>{{ tools | tojson }}<|im_end|>"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- set role = message['role'] -%}"
     "{%- if role == 'system' -%}<|im_system|>system<|im_middle|>"
@@ -55,7 +63,9 @@ CHAT_TEMPLATE = (
     "{%- if role == 'assistant' and message.get('tool_calls') -%}"
     "<|tool_calls_section_begin|>"
     "{%- for call in message['tool_calls'] -%}"
-    "<|tool_call_begin|>{{ call['function']['name'] }}<|tool_call_argument_begin|>"
+    "{%- set call_id = call.get('id') or "
+    "('functions.' ~ call['function']['name'] ~ ':' ~ loop.index0) -%}"
+    "<|tool_call_begin|>{{ call_id }}<|tool_call_argument_begin|>"
     "{%- if call['function']['arguments'] is string -%}{{ call['function']['arguments'] }}"
     "{%- else -%}{{ call['function']['arguments'] | tojson }}{%- endif -%}"
     "<|tool_call_end|>"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, TokenLogprob
 
 WIRE_FORMATS = ("bf16", "fp8", "fp32")
 
@@ -46,6 +46,7 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
+    first_logprob: TokenLogprob | None = None  # when the job's sampling asks for logprobs
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ import torch
 
 from common.meter import RateMeter
 from common.prefix_cache import PrefixCache, allocate_sequence
+from common.sampling import TokenLogprob
 from common.stage import StageState
 from kvtransfer import KVOutbox, OutboundKV, TransferConfig, TransferError
-from model.sampling import sample_token
+from model.sampling import sample_with_logprob
 from prefill.jobs import PrefillConfig, PrefillJob, PrefillResult, PrefillStats
 
 __all__ = ["PrefillConfig", "PrefillJob", "PrefillResult", "PrefillStage", "PrefillStats"]
@@ -52,6 +53,7 @@ class _Task:
     is_cancelled: bool = False
     is_released: bool = False  # sink closed or aborted, pages freed, future resolved
     block_hashes: list[int] = field(default_factory=list)  # of the prompt's full blocks
+    first_logprob: TokenLogprob | None = None  # when the job's sampling asks for logprobs
 
     @property
     def num_prompt(self) -> int:
@@ -301,7 +303,7 @@ class PrefillStage:
             with self._cache_lock:
                 table = self.allocator.block_table(task.job.request_id)
                 self.prefix_cache.insert(task.block_hashes, table)
-        first_token_id = sample_token(logits, task.job.sampling, 0)
+        first_token_id, task.first_logprob = sample_with_logprob(logits, task.job.sampling, 0)
         self._num_prompt_tokens += task.num_prompt
         self._num_cached_tokens += task.num_cached
         if task.sink is None:
@@ -368,6 +370,7 @@ class PrefillStage:
             PrefillResult(
                 request_id=task.job.request_id,
                 first_token_id=first_token_id if error is None else -1,
+                first_logprob=task.first_logprob if error is None else None,
                 num_prompt_tokens=task.num_prompt,
                 num_cached_tokens=task.num_cached,
                 error=error,

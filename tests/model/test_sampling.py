@@ -34,3 +34,23 @@ def test_top_p_keeps_the_nucleus():
 def test_invalid_params_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_token_logprob_is_the_model_distribution_whatever_the_sampling():
+    import math
+
+    from model.sampling import sample_with_logprob, token_logprob
+
+    logits = _logits()
+    lp = token_logprob(logits, 2, 3)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert math.isclose(lp.logprob, float(expected[2]), rel_tol=1e-6)
+    assert lp.top_ids == (1, 2, 4)
+    assert token_logprob(logits, 2, 0).top_ids == ()
+    token, plain = sample_with_logprob(logits, SamplingParams(), 0)
+    assert token == 1 and plain is None
+    hot = SamplingParams(temperature=0.3, top_k=2, seed=1, num_logprobs=2)
+    token, lp = sample_with_logprob(logits, hot, 0)
+    assert lp.logprob == float(expected[token])  # temperature and top-k change the draw only
+    with pytest.raises(ValueError, match="num_logprobs"):
+        SamplingParams(num_logprobs=21)

@@ -114,7 +114,7 @@ def test_chat_template_all_roles(tok):
         "<|im_system|>system<|im_middle|>You are terse.<|im_end|>"
         "<|im_user|>user<|im_middle|>Weather?<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|>"
-        '<|tool_call_begin|>get<|tool_call_argument_begin|>{"q": 1}<|tool_call_end|>'
+        '<|tool_call_begin|>c1<|tool_call_argument_begin|>{"q": 1}<|tool_call_end|>'
         "<|tool_calls_section_end|><|im_end|>"
         "<|im_system|>tool<|im_middle|>## Return of c1\nsunny<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|>Sunny.<|im_end|>"
@@ -124,6 +124,41 @@ def test_chat_template_all_roles(tok):
     ids = tok.encode(text)
     assert ids[0] == tok.token_to_id("<|im_system|>")
     assert ids[-1] == tok.token_to_id("<|im_middle|>")
+
+
+def test_chat_template_declares_tools_and_numbers_calls_like_k2(tok):
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather of a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    calls = [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+    ]
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "functions.get_weather:1", "content": "20C"},
+    ]
+    text = tok.apply_chat_template(messages, tools=tools)
+    declared = "<|im_system|>tool_declare<|im_middle|>" + json.dumps(tools, ensure_ascii=False)
+    assert text.startswith(declared + "<|im_end|><|im_user|>user<|im_middle|>Weather?<|im_end|>")
+    assert (
+        "<|im_assistant|>assistant<|im_middle|>Checking.<|tool_calls_section_begin|>"
+        "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+        '{"city": "Oslo"}<|tool_call_end|><|tool_call_begin|>functions.get_weather:1'
+    ) in text
+    assert "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:1\n20C" in text
+    assert tok.apply_chat_template(messages[:1], tools=[]) == tok.apply_chat_template(messages[:1])
+    # every marker is one special token
+    for marker in ("<|tool_calls_section_begin|>", "<|tool_call_argument_begin|>"):
+        assert tok.encode(marker) == [tok.token_to_id(marker)]
 
 
 def test_chat_template_without_generation_prompt(tok):
