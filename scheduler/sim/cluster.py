@@ -1,0 +1,270 @@
+"""A simulated tidal cluster: the real ``Scheduler`` on a simulated clock, simulated instances,
+and the ingress's request flow (``cluster/flow.py``) with one actor-call latency per hop.
+
+One request (disaggregated), as the ingress drives it:
+1. route (``Scheduler.route``): ``RouteDecision``, ``Rejection`` (recorded), or ``Queued``
+   (answered later by ``drain_queue``, which runs after decode reports and finishes and every
+   ``drain_interval_s`` while anyone waits, as the scheduler actor does);
+2. ``reserve`` pages on the decode instance (refused when the books were stale: ``on_cancel``
+   and route again, up to ``max_attempts``), ``prefill`` on the prefill instance;
+3. when the KV is at the decode instance: ``on_prefill_done``, ``start`` (first token out);
+4. decode steps until max_tokens; ``on_finished``.
+Decode-local and mixed routes skip 2-3: ``start`` with the prompt, prefilled there.
+Every instance reports its state to the scheduler every ``report_interval_s`` (staggered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler.config import SchedulerConfig
+from scheduler.policy import Scheduler
+from scheduler.sim.events import EventLoop
+from scheduler.sim.instances import SimDecode, SimPrefill, SimSeq
+from scheduler.sim.profile import CostProfile
+from scheduler.sim.trace import SimRequest
+from scheduler.state import Queued, Rejection, RequestSpec, Role, RouteDecision
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulated deployment: pool sizes and the scheduler's config."""
+
+    num_prefill: int
+    num_decode: int
+    scheduler: SchedulerConfig
+    num_mixed: int = 0
+    max_attempts: int = 3  # routes per request, as ClusterConfig.max_attempts
+    drain_interval_s: float = 0.25  # the scheduler actor's queue ticker
+    # False: the scheduler sees no prefix hashes (load-only routing); caches still work.
+    is_prefix_aware: bool = True
+
+
+@dataclass
+class Outcome:
+    """What a client would have seen of one request (seconds since the trace start)."""
+
+    index: int
+    arrival_s: float
+    prompt_len: int
+    max_tokens: int
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    reject_reason: str | None = None
+    num_cached_tokens: int = 0  # prefix-cache hit at the prefill instance
+    num_attempts: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None for one-token outputs)."""
+        if self.first_token_s is None or self.finish_s is None or self.max_tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.max_tokens - 1)
+
+
+@dataclass
+class SimResult:
+    outcomes: list[Outcome]
+    token_gaps: list[tuple[float, int]]  # (inter-token gap s, tokens), every decode instance
+    busy_s: dict[str, float]  # instance id -> seconds busy
+    roles: dict[str, str]  # instance id -> role
+    makespan_s: float
+    scheduler_hit_rate: float  # the scheduler's expected prefix hits / routed prompt tokens
+    num_events: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def scheduler_config_for(profile: CostProfile, **overrides: object) -> SchedulerConfig:
+    """The scheduler config a deployment with this profile would run (sizes and speeds agree)."""
+    base: dict[str, object] = {
+        "page_size": profile.page_size,
+        "kv_bytes_per_token": profile.transfer.kv_bytes_per_token,
+        "transfer_bytes_per_s": profile.transfer.bytes_per_s,
+        "default_prefill_tokens_per_s": profile.prefill.rate_at(4096),
+        "default_decode_step_s": profile.decode.base_s,
+    }
+    return SchedulerConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+class SimCluster:
+    """Replays requests through the real scheduler and simulated instances."""
+
+    def __init__(self, profile: CostProfile, config: SimConfig) -> None:
+        self.profile = profile
+        self.config = config
+        self.loop = EventLoop()
+        self.scheduler = Scheduler(config.scheduler, clock=self.loop.clock)
+        self.rpc_s = profile.cluster.rpc_s
+        bs = config.scheduler.block_size
+        assert config.scheduler.page_size == profile.page_size, "page sizes must agree"
+        self.prefills = {
+            f"p{i}": SimPrefill(f"p{i}", self.loop, profile, bs) for i in range(config.num_prefill)
+        }
+        self.decodes = {
+            f"d{i}": SimDecode(f"d{i}", self.loop, profile, bs) for i in range(config.num_decode)
+        }
+        self.decodes |= {
+            f"m{i}": SimDecode(f"m{i}", self.loop, profile, bs, is_mixed=True)
+            for i in range(config.num_mixed)
+        }
+        self._outcomes: list[Outcome] = []
+        self._requests: dict[str, tuple[SimRequest, int]] = {}  # attempt id -> (request, n)
+        self._num_open = 0
+        self._is_ticking = False
+
+    # ---- running ------------------------------------------------------------------------------
+    def run(self, requests: list[SimRequest]) -> SimResult:
+        self._start_instances()
+        self._outcomes = [Outcome(r.index, r.arrival_s, r.prompt_len, r.max_tokens) for r in requests]
+        self._num_open = len(requests)
+        for r in requests:
+            self.loop.at(r.arrival_s + self.rpc_s, self._route, r, 1)
+        self.loop.run(lambda: self._num_open == 0)
+        return self._result()
+
+    def _start_instances(self) -> None:
+        interval = self.profile.cluster.report_interval_s
+        ids = list(self.prefills) + list(self.decodes)
+        for i, iid in enumerate(ids):
+            role = (
+                Role.PREFILL
+                if iid in self.prefills
+                else Role.MIXED
+                if self.decodes[iid].is_mixed
+                else Role.DECODE
+            )
+            self.scheduler.add_instance(iid, role)
+            self._report(iid)  # the first report comes when reporting is switched on
+            self.loop.at(interval * (i + 1) / len(ids), self._report_forever, iid)
+
+    def _report_forever(self, iid: str) -> None:
+        self._report(iid)
+        self.loop.after(self.profile.cluster.report_interval_s, self._report_forever, iid)
+
+    def _report(self, iid: str) -> None:
+        """Snapshot now, delivered one call later (as the worker's ``.remote`` is)."""
+        if iid in self.prefills:
+            self.loop.after(self.rpc_s, self.scheduler.update_prefill, self.prefills[iid].state())
+            return
+        d = self.decodes[iid]
+        if d.is_mixed:
+            self.loop.after(self.rpc_s, self.scheduler.update_prefill, d.prefill_state())
+        self.loop.after(self.rpc_s, self._deliver_decode_report, d.decode_state())
+
+    def _deliver_decode_report(self, state) -> None:
+        self.scheduler.update_decode(state)
+        self._drain()
+
+    # ---- one request --------------------------------------------------------------------------
+    def _route(self, req: SimRequest, attempt: int) -> None:
+        sid = f"{req.index}.{attempt}"
+        self._outcomes[req.index].num_attempts = attempt
+        self._requests[sid] = (req, attempt)
+        hashes = req.block_hashes if self.config.is_prefix_aware else ()
+        spec = RequestSpec(sid, req.prompt_len, req.max_tokens, hashes)
+        self._answer(self.scheduler.route(spec))
+
+    def _answer(self, answer: RouteDecision | Rejection | Queued) -> None:
+        if isinstance(answer, Queued):
+            self._start_ticker()
+        elif isinstance(answer, Rejection):
+            req, _ = self._requests.pop(answer.request_id)
+            self._close(req, answer.reason)
+        else:
+            self.loop.after(self.rpc_s, self._place, answer)
+
+    def _place(self, d: RouteDecision) -> None:
+        req, _ = self._requests[d.request_id]
+        seq = SimSeq(
+            d.request_id, req.prompt_len, req.max_tokens, req.block_hashes,
+            self._on_first_token, self._on_finished,
+        )  # fmt: skip
+        decode = self.decodes[d.decode_instance_id]
+        if d.is_local_prefill:
+            self.loop.after(self.rpc_s, decode.start_local, seq)
+            return
+        assert d.prefill_instance_id is not None
+        self.loop.after(self.rpc_s, self._reserve, d, seq)
+
+    def _reserve(self, d: RouteDecision, seq: SimSeq) -> None:
+        decode = self.decodes[d.decode_instance_id]
+        if not decode.reserve(seq.request_id, seq.prompt_len + seq.max_tokens):
+            self.loop.after(self.rpc_s, self._retry, seq.request_id, "reserve_failed")
+            return
+        prefill = self.prefills[d.prefill_instance_id]  # type: ignore[index]
+        on_done = lambda s: self.loop.after(self.rpc_s, self._prefill_done, d, s)  # noqa: E731
+        self.loop.after(2 * self.rpc_s, prefill.submit, seq, on_done)
+
+    def _prefill_done(self, d: RouteDecision, seq: SimSeq) -> None:
+        req, _ = self._requests[seq.request_id]
+        self._outcomes[req.index].num_cached_tokens = seq.num_cached
+        self.loop.after(self.rpc_s, self.scheduler.on_prefill_done, seq.request_id)
+        self.loop.after(self.rpc_s, self.decodes[d.decode_instance_id].start, seq)
+
+    def _retry(self, sid: str, reason: str) -> None:
+        req, attempt = self._requests.pop(sid)
+        self.scheduler.on_cancel(sid)
+        self._drain()
+        if attempt >= self.config.max_attempts:
+            self._close(req, reason)
+        else:
+            self.loop.after(self.rpc_s, self._route, req, attempt + 1)
+
+    def _on_first_token(self, seq: SimSeq) -> None:
+        req, _ = self._requests[seq.request_id]
+        # The client's long-poll returns one call after the token exists.
+        self._outcomes[req.index].first_token_s = self.loop.now + self.rpc_s
+
+    def _on_finished(self, seq: SimSeq) -> None:
+        req, _ = self._requests.pop(seq.request_id)
+        self._outcomes[req.index].finish_s = self.loop.now + self.rpc_s
+        self._num_open -= 1
+        self.loop.after(2 * self.rpc_s, self._finished_in_scheduler, seq.request_id)
+
+    def _finished_in_scheduler(self, sid: str) -> None:
+        self.scheduler.on_finished(sid)
+        self._drain()
+
+    def _close(self, req: SimRequest, reason: str) -> None:
+        self._outcomes[req.index].reject_reason = reason
+        self._num_open -= 1
+
+    # ---- the scheduler actor's queue ----------------------------------------------------------
+    def _drain(self) -> None:
+        for answer in self.scheduler.drain_queue():
+            self._answer(answer)
+
+    def _start_ticker(self) -> None:
+        if not self._is_ticking:
+            self._is_ticking = True
+            self.loop.after(self.config.drain_interval_s, self._tick)
+
+    def _tick(self) -> None:
+        self._drain()
+        if self.scheduler.num_queued:
+            self.loop.after(self.config.drain_interval_s, self._tick)
+        else:
+            self._is_ticking = False
+
+    # ---- results ------------------------------------------------------------------------------
+    def _result(self) -> SimResult:
+        outcomes = self._outcomes
+        first = min((o.arrival_s for o in outcomes), default=0.0)
+        last = max((o.finish_s or o.arrival_s for o in outcomes), default=0.0)
+        busy = {i: p.busy_s for i, p in self.prefills.items()}
+        busy |= {i: d.busy_s for i, d in self.decodes.items()}
+        roles = {i: "prefill" for i in self.prefills}
+        roles |= {i: "mixed" if d.is_mixed else "decode" for i, d in self.decodes.items()}
+        return SimResult(
+            outcomes=outcomes,
+            token_gaps=[g for d in self.decodes.values() for g in d.token_gaps],
+            busy_s=busy,
+            roles=roles,
+            makespan_s=max(last - first, 1e-9),
+            scheduler_hit_rate=self.scheduler.stats().prefix_hit_rate,
+            num_events=self.loop.num_events,
+        )
