@@ -143,6 +143,25 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_plan, parser=p)
 
 
+def _add_sim(sub: argparse._SubParsersAction) -> None:
+    from scheduler.sim.run import add_arguments
+
+    p = sub.add_parser(
+        "sim",
+        help="replay a trace on a simulated cluster (the real scheduler, simulated instances)",
+        description="Discrete-event simulation of a tidal cluster from a cost profile; writes "
+        "DIR/report.json and PNG plots (scheduler/sim, no torch or Ray).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_sim)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from scheduler.sim.run import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidal", description="Disaggregated prefill/decode serving for Kimi-K2-class models."
@@ -151,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_serve(sub)
     _add_plan(sub)
+    _add_sim(sub)
     return parser
 
 
