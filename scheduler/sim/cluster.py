@@ -119,7 +119,9 @@ class SimCluster:
     # ---- running ------------------------------------------------------------------------------
     def run(self, requests: list[SimRequest]) -> SimResult:
         self._start_instances()
-        self._outcomes = [Outcome(r.index, r.arrival_s, r.prompt_len, r.max_tokens) for r in requests]
+        self._outcomes = [
+            Outcome(r.index, r.arrival_s, r.prompt_len, r.max_tokens) for r in requests
+        ]
         self._num_open = len(requests)
         for r in requests:
             self.loop.at(r.arrival_s + self.rpc_s, self._route, r, 1)

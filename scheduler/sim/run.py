@@ -167,7 +167,9 @@ def sweep(
     """Goodput of every disaggregated split of ``dep.num_instances``, best first in ``best``."""
     n = dep.num_instances
     splits = [
-        goodput(rows, scale, profile, replace(dep, num_prefill=p, num_decode=n - p, num_mixed=0), slo)
+        goodput(
+            rows, scale, profile, replace(dep, num_prefill=p, num_decode=n - p, num_mixed=0), slo
+        )
         for p in range(1, n)
     ]
     best = max(splits, key=lambda s: s["goodput_rps"] or 0.0)
@@ -259,7 +261,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     if args.colocated and (args.prefill or args.decode):
-        raise ValueError("--colocated N runs mixed instances; do not combine with --prefill/--decode")
+        raise ValueError(
+            "--colocated N runs mixed instances; do not combine with --prefill/--decode"
+        )
     if not args.colocated and (args.prefill < 1 or args.decode < 1):
         raise ValueError("give --prefill N and --decode M (both >= 1), or --colocated N")
     profile = load_profile(args.profile)
@@ -310,9 +314,7 @@ def simulate(
               f"{dep.num_mixed} mixed": result}  # fmt: skip
     if do_sweep or not dep.num_mixed:
         requests = build_requests(rows, scale, dep.block_size)
-        report["planner"] = planner_choice(
-            requests, profile, dep, slo, run["prefix_hit_rate"]
-        )
+        report["planner"] = planner_choice(requests, profile, dep, slo, run["prefix_hit_rate"])
     if do_sweep:
         t0 = time.perf_counter()
         report["sweep"] = sweep(rows, scale, profile, dep, slo)
