@@ -192,8 +192,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(num_ranks: int, threads: int, common: list[str], timeout_s: float) -> list[dict]:
-    """Run ``num_ranks`` rank processes of ``threads`` torch threads; their records."""
+def launch(
+    num_ranks: int, threads: int, common: list[str], timeout_s: float, script: str = __file__
+) -> list[dict]:
+    """Run ``num_ranks`` rank processes of ``threads`` torch threads (``script --rank ...``);
+    the records rank 0 wrote."""
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +205,7 @@ def launch(num_ranks: int, threads: int, common: list[str], timeout_s: float) ->
             subprocess.Popen(
                 [
                     sys.executable,
-                    __file__,
+                    script,
                     "--rank",
                     str(r),
                     "--num-ranks",

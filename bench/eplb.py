@@ -31,6 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -252,14 +253,227 @@ def _print_table(rows) -> None:
         )
 
 
+# ---- part 2: a live expert-parallel instance ----------------------------------------------------
+LIVE_RANKS = 2
+LIVE_REDUNDANT = 4  # extra slots per rank
+GAP_TARGET, STEP_RATIO_TARGET = 0.8, 1.25
+
+
+def _runs(records: list[dict], phase: str, part: str) -> list[dict]:
+    """Every rank's record of one phase (``part`` "prefill": its prefills; "": decode)."""
+    return [r["phases"][phase][part] if part else r["phases"][phase] for r in records]
+
+
+def _instance_steps(records: list[dict], phase: str, part: str = "") -> list[float]:
+    """Per lockstep step, the slowest rank's seconds."""
+    runs = _runs(records, phase, part)
+    return [max(row) for row in zip(*(x["seconds"] for x in runs), strict=True)]
+
+
+def _rank_balancedness(records: list[dict], phase: str, part: str = "") -> float:
+    """Mean / max over the ranks of the expert rows each computed in the phase."""
+    rows = [x["rows"] for x in _runs(records, phase, part)]
+    return float(np.mean(rows) / max(rows))
+
+
+def _three_ways(records: list[dict], part: str, tokens_per_step: int) -> dict:
+    """EPLB off / on / ideal for decode steps or prefills: median step, tokens/s, rank
+    balancedness, speedup (on over off) and the share of the off-to-ideal gap recovered."""
+
+    def steps(*phases: str) -> float:
+        return median([x for p in phases for x in _instance_steps(records, p, part)])
+
+    t = {
+        "eplb_off": steps("off", "off2"),
+        "eplb_on": steps("on"),
+        "ideal": steps("ideal", "ideal2"),
+    }
+    gap = t["eplb_off"] - t["ideal"]
+    return {
+        "tokens_per_s": {k: tokens_per_step / v for k, v in t.items()},
+        "median_step_ms": {k: v * 1e3 for k, v in t.items()},
+        "rank_balancedness": {
+            k: _rank_balancedness(records, p, part)
+            for k, p in (("eplb_off", "off"), ("eplb_on", "on"), ("ideal", "ideal"))
+        },
+        "speedup": t["eplb_off"] / t["eplb_on"],
+        "gap_recovered": (t["eplb_off"] - t["eplb_on"]) / gap if gap > 0 else None,
+    }
+
+
+def _changed_sequences(records: list[dict], steps: int) -> int:
+    """Decode sequences whose greedy tokens in any phase on the skewed routing (during or after
+    a rebalance) differ from EPLB off."""
+    changed = 0
+    for r in records:
+        ph = r["phases"]
+        for seq in range(len(ph["off"]["tokens"][0])):
+            ref = [step[seq] for step in ph["off"]["tokens"]]
+            for p in ("live", "on", "live_back", "off2"):
+                if [step[seq] for step in ph[p]["tokens"][:steps]] != ref:
+                    changed += 1
+                    break
+    return changed
+
+
+def _live_rebalance(records: list[dict], name: str, t_off: float) -> dict:
+    """The steps of one live rebalance against the median EPLB-off step."""
+    phases = [r["phases"][name] for r in records]
+    step = _instance_steps(records, name)
+    pending = [any(p["pending"][s] for p in phases) for s in range(len(step))]
+    return {
+        "longest_step_ms": max(step) * 1e3,
+        "median_step_ms": median(step) * 1e3,
+        "rebalance_step_ratio": max(step) / t_off,
+        "steps_with_staged_placement": int(sum(pending)),
+        "stage_s": max(p.get("stage_s", 0.0) for p in phases),
+        "bytes_staged": int(sum(p.get("bytes", 0) for p in phases)),
+        "extra_idle_ticks": max(p["extra_ticks"] for p in phases),
+        "errors": [p["error"] for p in phases if "error" in p],
+    }
+
+
+def part2_live(model_dir: Path, quick: bool) -> dict:
+    """EP2 k2-small, skewed routing: EPLB off, on (after a live rebalance), and the balanced
+    ideal, in one run (``bench/eplb_ep.py`` runs the ranks; see its docstring)."""
+    from bench.engine_ep import launch
+    from bench.eplb_ep import BATCH, CONTEXT, PREFILL_LEN
+    from model.checkpoint import make_model
+
+    if not (model_dir / "config.json").exists():
+        print(f"generating k2-small into {model_dir} ...", flush=True)
+        make_model("k2-small", model_dir, seed=0)
+    steps, live_steps, prefill_reps = (24, 40, 3) if quick else (48, 80, 6)
+    common = ["--model-dir", str(model_dir), "--redundant", str(LIVE_REDUNDANT)]
+    common += ["--max-moved-fraction", str(MOVED_TARGET), "--steps", str(steps)]
+    common += ["--live-steps", str(live_steps), "--prefill-reps", str(prefill_reps)]
+    script = str(Path(__file__).with_name("eplb_ep.py"))
+    records = launch(LIVE_RANKS, 1, common, 1800, script=script)
+
+    decode = _three_ways(records, "", BATCH)
+    prefill = _three_ways(records, "prefill", LIVE_RANKS * PREFILL_LEN)
+    t_off = decode["median_step_ms"]["eplb_off"] / 1e3
+    live = {name: _live_rebalance(records, name, t_off) for name in ("live", "live_back")}
+    reference = [r["phases"]["off"]["tokens"] for r in records]  # phases replay the same steps
+    identical = {
+        p: [r["phases"][p]["tokens"][:steps] for r in records] == reference
+        for p in ("live", "on", "live_back", "off2")
+    }
+    prefill_identical = all(
+        r["phases"][p]["prefill"]["tokens"] == r["phases"]["off"]["prefill"]["tokens"]
+        for r in records
+        for p in ("on", "off2")
+    )
+    first = records[0]
+    moved = sum(
+        a != b
+        for layer, new in first["placement"].items()
+        for a, b in zip(new, first["default_placement"][layer], strict=True)
+    )
+    result = {
+        "setup": {
+            "preset": "k2-small",
+            "ranks": LIVE_RANKS,
+            "slots": first["num_slots"],
+            "redundant_per_rank": LIVE_REDUNDANT,
+            "decode_batch": BATCH,
+            "context": CONTEXT,
+            "prefill_tokens_per_rank": PREFILL_LEN,
+            "steps_per_phase": steps,
+            "live_steps": live_steps,
+            "prefill_reps": prefill_reps,
+            "hot_experts": first["hot_experts"],
+            "max_moved_per_layer": first["max_moved"],
+            "plan_from": "the EPLB-off decode window's counts summed over the ranks (the same "
+            "placement then serves the prefills)",
+            "dtype": "float32",
+            "transport": "gloo over 127.0.0.1, one torch thread per rank",
+        },
+        "decode_tokens_per_s": decode["tokens_per_s"],
+        "median_step_ms": decode["median_step_ms"],
+        "rank_balancedness": decode["rank_balancedness"],
+        "eplb_decode_speedup": decode["speedup"],
+        "eplb_gap_recovered": decode["gap_recovered"],
+        "prefill": {**prefill, "first_tokens_identical": prefill_identical},
+        "rebalance_step_ratio": max(v["rebalance_step_ratio"] for v in live.values()),
+        "live_rebalances": live,
+        "moved_slots": int(moved),
+        "moved_fraction": moved / (len(first["placement"]) * first["num_slots"]),
+        "plan_ms": first["plan_s"] * 1e3,
+        "greedy_tokens_identical_to_off": identical,
+        "sequences_with_changed_tokens": _changed_sequences(records, steps),
+        "failed_rebalances": sum(len(v["errors"]) for v in live.values()),
+        "step_ms": {
+            p: [round(x * 1e3, 2) for x in _instance_steps(records, p)] for p in first["phases"]
+        },
+    }
+    gap = result["eplb_gap_recovered"]
+    result["targets_met"] = {
+        "gap_recovered_ge_0.8": gap is not None and gap >= GAP_TARGET,
+        "rebalance_step_ratio_le_1.25": result["rebalance_step_ratio"] <= STEP_RATIO_TARGET,
+        "no_failure": result["sequences_with_changed_tokens"] == 0
+        and result["failed_rebalances"] == 0
+        and prefill_identical,
+    }
+    _print_live(result)
+    return result
+
+
+def _fmt_gap(x: float | None) -> str:
+    return "n/a (ideal not faster than off)" if x is None else f"{x:.2f}"
+
+
+def _print_live(r: dict) -> None:
+    print(f"\npart 2: EP{LIVE_RANKS} k2-small, skewed routing (rank balancedness: mean/max rows)")
+    print(f"{'part':<24} {'layout':<9} {'tok/s':>8} {'step ms':>8} {'vs off':>7} {'rank bal':>9}")
+    p = r["prefill"]
+    parts = {
+        f"decode b={r['setup']['decode_batch']}": (
+            r["decode_tokens_per_s"],
+            r["median_step_ms"],
+            r["rank_balancedness"],
+        ),
+        f"prefill {r['setup']['prefill_tokens_per_rank']} tok/rank": (
+            p["tokens_per_s"],
+            p["median_step_ms"],
+            p["rank_balancedness"],
+        ),
+    }
+    for part, (tps, ms, bal) in parts.items():
+        for name in ("eplb_off", "eplb_on", "ideal"):
+            print(
+                f"{part:<24} {name:<9} {tps[name]:>8.1f} {ms[name]:>8.2f} "
+                f"{tps[name] / tps['eplb_off']:>7.3f} {bal[name]:>9.3f}"
+            )
+    for name, v in r["live_rebalances"].items():
+        print(
+            f"{name}: longest step {v['longest_step_ms']:.1f} ms = "
+            f"{v['rebalance_step_ratio']:.2f}x the median EPLB-off step; staging "
+            f"{v['stage_s']:.2f} s, swap pending over {v['steps_with_staged_placement']} steps, "
+            f"{v['bytes_staged'] / 1e6:.1f} MB read; errors {v['errors'] or 'none'}"
+        )
+    print(
+        f"decode: eplb_decode_speedup {r['eplb_decode_speedup']:.3f}, eplb_gap_recovered "
+        f"{_fmt_gap(r['eplb_gap_recovered'])} (target >= {GAP_TARGET}); prefill: speedup "
+        f"{p['speedup']:.3f}, gap recovered {_fmt_gap(p['gap_recovered'])}"
+    )
+    print(
+        f"rebalance_step_ratio {r['rebalance_step_ratio']:.2f} (target <= {STEP_RATIO_TARGET}), "
+        f"moved {r['moved_slots']} slots ({r['moved_fraction']:.1%}), plan {r['plan_ms']:.1f} ms, "
+        f"greedy identical {r['greedy_tokens_identical_to_off']}; targets met {r['targets_met']}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 windows")
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    parser.add_argument("--model-dir", type=Path, default=Path(".models/k2-small"))
+    parser.add_argument("--skip-live", action="store_true", help="part 1 only")
     args = parser.parse_args()
     result = {"part1_synthetic": part1_synthetic(args.quick)}
-    # Part 2 (a live expert-parallel instance) goes here: run it and add its figures as
-    # result["part2_live"]; the part 1 keys above stay as they are.
+    if not args.skip_live:
+        result["part2_live"] = part2_live(args.model_dir, args.quick)
     s = result["part1_synthetic"]
     print(
         f"\nmean next-window balancedness ours {s['next_window_balancedness']['ours']:.4f} vs "

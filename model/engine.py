@@ -8,6 +8,8 @@ The offline API (``prefill_logits``, ``generate``) manages its own pages; the wo
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,10 +302,12 @@ class Engine:
 
             return read
 
-        layers = {
-            i: (list(p), *moe_layers[i].stage(list(p), reader(i)))
-            for i, p in sorted(placement.items())
-        }
+        layers = _at_low_priority(
+            lambda: {
+                i: (list(p), *moe_layers[i].stage(list(p), reader(i)))
+                for i, p in sorted(placement.items())
+            }
+        )
         self._staged = _StagedPlacement(version, layers)  # one assignment: seen whole or not
         return num_read
 
@@ -394,6 +398,30 @@ class _LayerCalls:
             self._on_layer(layer, start, end)
         except Exception as e:
             self.error = e
+
+
+def _at_low_priority(fn: Callable[[], object]) -> object:
+    """``fn()`` on a fresh thread at the lowest CPU priority (Linux: nice 19 for that thread
+    only), so that staging weights on a host whose cores also run the step loop takes its CPU
+    time when the loop waits, not from the steps. Re-raises what ``fn`` raises."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # not Linux: same priority as the caller
+            pass
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name="tidal-eplb-stage", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]  # type: ignore[misc]
+    return out["value"]
 
 
 @dataclass

@@ -73,6 +73,7 @@ class ExpertParallel:
     num_slots: int = 0  # expert slots over the instance (0: one per expert, no redundancy)
     comm_seconds: float = 0.0  # in dispatch/combine all-to-alls since the last reset_timers
     tick_seconds: float = 0.0  # in tick all-reduces since the last reset_timers
+    num_rows_received: int = 0  # expert rows this rank computed (its real MoE load), ever
 
     @classmethod
     def join(
@@ -147,6 +148,7 @@ class ExpertParallel:
         recv_counts = torch.empty_like(send_counts)
         self._all_to_all(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
+        self.num_rows_received += sum(recv)
         wire_dtype = _wire_dtype(rows.dtype)
         recv_rows = torch.empty(sum(recv), rows.shape[1], dtype=wire_dtype)
         self._all_to_all(recv_rows, rows.to(wire_dtype).contiguous(), recv, send)
