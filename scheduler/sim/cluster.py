@@ -53,6 +53,7 @@ class Outcome:
     reject_reason: str | None = None
     num_cached_tokens: int = 0  # prefix-cache hit at the prefill instance
     num_attempts: int = 0
+    decode_instance_id: str | None = None  # of the last attempt
 
     @property
     def ttft_s(self) -> float | None:
@@ -181,6 +182,7 @@ class SimCluster:
 
     def _place(self, d: RouteDecision) -> None:
         req, _ = self._requests[d.request_id]
+        self._outcomes[req.index].decode_instance_id = d.decode_instance_id
         seq = SimSeq(
             d.request_id, req.prompt_len, req.max_tokens, req.block_hashes,
             self._on_first_token, self._on_finished,
