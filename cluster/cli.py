@@ -3,7 +3,9 @@
 ``tidal make-model --preset k2-tiny --out DIR`` writes a seeded random checkpoint;
 ``tidal serve ...`` starts a cluster (``cluster.serve.run_from_args``, imported only when used so
 ``make-model`` never pays for Ray); ``tidal plan ...`` sizes weights and KV per rank for a layout
-(``cluster.memory_plan``, no torch or Ray) and exits 2 when the layout cannot fit.
+(``cluster.memory_plan``, no torch or Ray) and exits 2 when the layout cannot fit;
+``tidal pools show|set|move|planner`` talks to a running tidal's admin API
+(``cluster.pools_cli``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from cluster.pools_cli import add_pools_parser
 
 if TYPE_CHECKING:
     from cluster.memory_plan import RoleLayout
@@ -87,6 +91,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     ep.add_argument("--reserve-gb", type=float, help="activations per rank (default 10%% of GPU)")
     ep.add_argument(
         "--redundant-experts", type=_positive_int, help="EPLB expert slots per rank (planned)"
+    )
+    adm = p.add_argument_group("the admin API and the P:D planner")
+    adm.add_argument(
+        "--insecure-admin",
+        action="store_true",
+        default=None,
+        help="serve the admin routes without a token (default: they need $TIDAL_ADMIN_TOKEN "
+        "and are off without it)",
+    )
+    adm.add_argument(
+        "--planner",
+        choices=("manual", "auto"),
+        help="auto applies the planner's P:D split through role moves (default manual)",
     )
     p.set_defaults(func=_serve, parser=p)
 
@@ -171,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_plan(sub)
     _add_sim(sub)
+    add_pools_parser(sub)
     return parser
 
 

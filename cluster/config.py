@@ -13,6 +13,7 @@ from decode.jobs import DecodeConfig
 from kvtransfer.config import TransferConfig
 from prefill.jobs import PrefillConfig
 from scheduler.config import SchedulerConfig
+from scheduler.pool_policy import PoolPolicyConfig
 from scheduler.state import Role
 
 ROLES = tuple(r.value for r in Role)
@@ -117,6 +118,12 @@ class ClusterConfig:
     redundant_experts: int = 0  # EPLB: extra expert slots per rank per MoE layer
     eplb_interval_s: float = 0.0  # EPLB: rebalance this often (0: only on request)
     eplb_max_moved_fraction: float = 0.2  # EPLB: share of a layer's slots one rebalance may move
+    planner: PoolPolicyConfig = PoolPolicyConfig()  # auto or manual, cooldown, hysteresis...
+    planner_window_s: float = 10.0  # the planner measures traffic over windows this long
+    # sha256 hex of the admin bearer token (the token itself never enters the config); None:
+    # admin routes are off unless insecure_admin
+    admin_token_sha256: str | None = field(default=None, repr=False)
+    insecure_admin: bool = False  # admin routes without a token (a trusted network only)
 
     def __post_init__(self) -> None:
         unknown = set(self.pools) - set(ROLES)

@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
@@ -120,6 +120,7 @@ class _Attempt:
     decode: Any = None
     prefill: Any = None
     is_done: bool = False
+    ttft_parts: dict[str, float] = field(default_factory=dict)  # measured by the prefill side
 
     def abandon(self, scheduler: Any, detached: Callable[[Callable[[], Any]], Any]) -> None:
         """Cancel everywhere, fire and forget, through ``detached`` (``Flow.detached``)."""
@@ -145,11 +146,13 @@ class Flow:
         scheduler: Any,
         directory: InstanceDirectory,
         on_reroute: Callable[[str], None] = lambda stage: None,
+        on_ttft_parts: Callable[[dict[str, float]], None] = lambda parts: None,
     ):
         self.config = config
         self.scheduler = scheduler
         self.directory = directory
         self.on_reroute = on_reroute  # called with "prefill" or "decode" (metrics)
+        self.on_ttft_parts = on_ttft_parts  # once per request, at its first token (metrics)
         self.is_broken = False  # the scheduler is gone: the ingress builds a new Flow
         self._cleanup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-cleanup")
 
@@ -168,6 +171,7 @@ class Flow:
         generated: list[int] = []
         is_started = False
         last_error = "no attempt made"
+        t0 = time.monotonic()
         for attempt in range(1, self.config.max_attempts + 1):
             remaining = gen.max_tokens - len(generated)
             if remaining <= 0:  # the tokens all arrived; only the finish was lost
@@ -175,7 +179,9 @@ class Flow:
                 return
             prompt = gen.prompt_ids + generated
             sid = f"{gen.request_id}.{attempt}"
+            t_route = time.monotonic()
             decision = await self._route(sid, prompt, remaining, is_retry=attempt > 1)
+            route_s = time.monotonic() - t_route
             if isinstance(decision, Rejection):
                 error = rejection_error(decision)
                 if not is_started:
@@ -195,6 +201,8 @@ class Flow:
                     )
                     cursor = batch.cursor
                     if batch.token_ids:
+                        if not generated:
+                            self._report_ttft(time.monotonic() - t0, route_s, run.ttft_parts)
                         generated.extend(batch.token_ids)
                         yield Tokens(batch.token_ids, batch.logprobs)
                     if batch.finished:
@@ -272,6 +280,11 @@ class Flow:
         run.prefill = None  # finished there: nothing left to cancel
         if result.error is not None:
             raise _Retry(f"prefill {d.prefill_instance_id}: {result.error}", d.prefill_instance_id)
+        run.ttft_parts = {
+            "prefill_queue": result.queue_s,
+            "prefill_compute": result.compute_s,
+            "transfer_tail": result.transfer_tail_s,
+        }
         # only a prefill that succeeded put its blocks in that instance's prefix cache
         self.scheduler.on_prefill_done.remote(run.sid)
         job = DecodeJob(
@@ -287,6 +300,14 @@ class Flow:
         refused = await self._call(d.decode_instance_id, decode.start.remote(job))
         _raise_if_refused(refused, d.decode_instance_id)
         return decode, result.num_cached_tokens
+
+    def _report_ttft(self, ttft_s: float, route_s: float, prefill_parts: dict[str, float]) -> None:
+        """Split one request's TTFT into its parts (``cluster.metrics.TTFT_PARTS``), which add
+        up to it: ``decode_admission`` is the rest (reserve and start calls, decode-local
+        prefill, the first poll; earlier failed attempts count there too)."""
+        parts = {"scheduler_queue": route_s, **prefill_parts}
+        parts["decode_admission"] = max(ttft_s - sum(parts.values()), 0.0)
+        self.on_ttft_parts(parts)
 
     @staticmethod
     async def _call(instance_id: str, ref: Awaitable[T]) -> T:

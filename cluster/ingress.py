@@ -2,8 +2,10 @@
 
 Routes: ``POST /v1/completions`` and ``/v1/chat/completions`` (SSE streaming or one JSON
 answer), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (the cluster's ``tidal_*``
-series), and the admin routes ``GET/POST /admin/pools``
-and ``POST /admin/move`` (pool sizes and live role moves). The ingress validates and
+series), and the admin routes ``GET/POST /admin/pools``, ``POST /admin/move``,
+``GET/POST /admin/planner`` and ``POST /admin/eplb/rebalance`` (pool sizes, live role moves,
+the planner's mode, EPLB rounds), which need the admin bearer token
+(cluster/admin_auth.py). The ingress validates and
 tokenises, then hands the request to ``Flow`` (cluster/flow.py), which talks to the scheduler
 and the workers; here only HTTP, text and usage are handled. Errors use OpenAI's JSON shape
 (cluster/errors.py).
@@ -22,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.admin_auth import admin_refusal
 from cluster.config import ClusterConfig
 from cluster.errors import ApiError, StreamError
 from cluster.flow import Finished, Flow, Generation, InstanceDirectory, Started, Tokens
@@ -30,6 +33,7 @@ from cluster.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     MoveRequest,
+    PlannerModeRequest,
     ResizeRequest,
 )
 from cluster.text import TextStream
@@ -278,22 +282,39 @@ class Ingress:
 
     # ---- admin routes -----------------------------------------------------------------------
     @app.get("/admin/pools")
-    async def pools(self) -> dict[str, Any]:
+    async def pools(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         return await self.pool.snapshot.remote()
 
     @app.post("/admin/pools")
     async def resize(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         body = await self._parse(request, ResizeRequest, check_model=False)
         return await self._admin(self.pool.resize.remote(body.sizes()))
 
     @app.post("/admin/move")
     async def move(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         body = await self._parse(request, MoveRequest, check_model=False)
         return await self._admin(self.pool.move.remote(body.instance, body.role))
+
+    @app.get("/admin/planner")
+    async def planner(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return await self.pool.planner_state.remote()
+
+    @app.post("/admin/planner")
+    async def set_planner(self, request: Request) -> dict[str, Any]:
+        """``{"mode": "auto"}`` applies the planner's split through role moves; ``manual``
+        only recommends."""
+        self._authorize(request)
+        body = await self._parse(request, PlannerModeRequest, check_model=False)
+        return await self._admin(self.pool.set_planner_mode.remote(body.mode))
 
     @app.post("/admin/eplb/rebalance")
     async def eplb_rebalance(self, request: Request) -> dict[str, Any]:
         """One EPLB round now; body ``{"instance": "i3"}`` or empty for every EP instance."""
+        self._authorize(request)
         raw = await request.body()
         try:
             body = json.loads(raw) if raw.strip() else {}
@@ -305,6 +326,12 @@ class Ingress:
         return {"rebalances": await self._admin(self.pool.rebalance.remote(instance))}
 
     # ---- internals --------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        """401/403 unless the request carries the admin token (or admin is insecure)."""
+        refusal = admin_refusal(self.config, request.headers.get("authorization"))
+        if refusal is not None:
+            raise refusal
+
     async def _admin(self, response: Any) -> dict[str, Any]:
         try:
             return await response
@@ -364,6 +391,7 @@ class Ingress:
                 scheduler,
                 InstanceDirectory(self.pool),
                 on_reroute=lambda stage: self.metrics.reroutes.inc(1.0, {"stage": stage}),
+                on_ttft_parts=lambda parts: self.metrics.observe_ttft_parts(parts, self._tags),
             )
         return self._flow
 

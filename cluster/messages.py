@@ -59,6 +59,8 @@ class WorkerStats:
     prefill_tokens_per_s: float | None = None
     decode_step_s: float | None = None
     num_transfer_bytes: int = 0  # KV bytes sent (prefill)
+    transfer_s: float = 0.0  # seconds those transfers took (prefill)
+    busy_s: float = 0.0  # seconds the step loop spent in steps that did work (utilisation)
     num_reserved_unfilled_pages: int = 0  # decode: reserved for KV still arriving
     cached_block_hashes: tuple[int, ...] = field(default=(), repr=False)  # prefix cache
 

@@ -3,8 +3,10 @@
 Every ``window_s`` the pool manager hands in the scheduler's counters and the workers' stats;
 the difference to the previous window gives the workload (arrival rate, prompt, uncached and
 output lengths) and the workers give the speed (prefill tokens/s, decode step time). The
-recommendation is exported as a metric and shown in ``GET /admin/pools``; applying it is an
-operator's (or an autoscaler's) ``POST /admin/pools``.
+recommendation is exported as a metric and shown in ``GET /admin/pools``; the pool manager's
+auto mode applies it through role moves (scheduler/pool_policy.py), manual mode leaves it to an
+operator (``tidal pools move``). Speed samples come only from warm workers (``observe``'s
+``perf_workers``): a worker that just started or changed role measures cold steps.
 """
 
 from __future__ import annotations
@@ -34,14 +36,23 @@ class PlannerFeed:
         self.window_s = window_s
         self._last: _Sample | None = None
         self.recommendation: PDRecommendation | None = None
+        self.workload: Workload | None = None  # of the last window with traffic
+        self.perf: InstancePerf | None = None
 
     def is_due(self, now_s: float) -> bool:
         return self._last is None or now_s - self._last.time_s >= self.window_s
 
     def observe(
-        self, now_s: float, sched: SchedulerStats, workers: list[WorkerStats]
+        self,
+        now_s: float,
+        sched: SchedulerStats,
+        workers: list[WorkerStats],
+        num_instances: int | None = None,
+        perf_workers: list[WorkerStats] | None = None,
     ) -> PDRecommendation | None:
-        """A new recommendation when a window with traffic has passed, else None."""
+        """A new recommendation when a window with traffic has passed, else None.
+        ``workers``: every serving rank (tokens generated); ``num_instances``: the P + D budget
+        (default: one per worker); ``perf_workers``: the warm ones whose speed counts."""
         sample = _Sample(
             now_s,
             sched.num_routed,
@@ -62,11 +73,12 @@ class PlannerFeed:
         workload = Workload(
             n / (now_s - last.time_s), prompt, max(prompt - hits, 1.0), max(output, 1.0)
         )
-        perf = _perf(workers, self.max_batch_size)
-        num_instances = max(len(workers), 2)
+        perf = _perf(workers if perf_workers is None else perf_workers, self.max_batch_size)
         if perf is None:
             return None
-        self.recommendation = recommend(workload, perf, self.slo, num_instances)
+        budget = max(num_instances if num_instances is not None else len(workers), 2)
+        self.workload, self.perf = workload, perf
+        self.recommendation = recommend(workload, perf, self.slo, budget)
         return self.recommendation
 
 

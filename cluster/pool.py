@@ -11,7 +11,11 @@ instances towards it, one membership change at a time:
   replacement. The ingress reports a failed call with ``report_failure`` so this happens at once;
 - move: an instance changes pool without reloading weights (out of the scheduler, the worker
   drains and rebuilds its stage, back into the scheduler under the new role); the targets
-  follow the move.
+  follow the move;
+- plan: every ``planner_window_s`` the P:D planner (cluster/planning.py) recommends a split;
+  in auto mode ``scheduler.pool_policy.PoolPolicy`` turns it into at most ``max_moves`` role
+  moves (cooldown, confirmation, hysteresis; instances younger than ``warmup_s`` neither move
+  nor feed the speed estimates); manual mode only recommends.
 The ingress re-routes its own requests that lost an instance; the pool manager only fixes the
 pools. It runs as a Serve deployment (one replica, no CPU); the scheduler actor and the
 instances are its children, so deleting the application stops everything.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from cluster.config import ROLES, ClusterConfig
@@ -42,6 +46,7 @@ from cluster.planning import PlannerFeed
 from cluster.rebalance import rebalance_instance
 from scheduler.actor import make_scheduler_actor
 from scheduler.planner import SLO
+from scheduler.pool_policy import PoolDecision, PoolPolicy
 from scheduler.state import SchedulerError
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,11 @@ class PoolManager:
         self._planner = PlannerFeed(
             SLO(ttft_s=config.scheduler.ttft_slo_s, itl_s=config.itl_slo_s),
             config.decode_stage.max_batch_size,
+            config.planner_window_s,
         )
+        self._policy = PoolPolicy(config.planner)
+        self._decision: PoolDecision | None = None
+        self._warm_since: dict[str, float] = {}  # instance -> when it started or last moved
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -127,8 +136,29 @@ class PoolManager:
             "scheduler": {**asdict(sched), "prefix_hit_rate": sched.prefix_hit_rate},
             "num_replaced": self._num_replaced,
             "recommendation": asdict(rec) if (rec := self._planner.recommendation) else None,
+            "planner": self.planner_state(),
             "last_error": self._last_error,
         }
+
+    def planner_state(self) -> dict[str, Any]:
+        """The planner's mode, its last decision and the measured window behind it."""
+        feed = self._planner
+        return {
+            "mode": "auto" if self._policy.config.is_auto else "manual",
+            "decision": asdict(self._decision) if self._decision else None,
+            "workload": asdict(feed.workload) if feed.workload else None,
+            "perf": asdict(feed.perf) if feed.perf else None,
+            "config": asdict(self._policy.config),
+        }
+
+    async def set_planner_mode(self, mode: str) -> dict[str, Any]:
+        """``auto``: apply the planner's recommendations through role moves; ``manual``:
+        recommend only."""
+        if mode not in ("auto", "manual"):
+            raise ValueError(f"planner mode {mode!r}: use auto or manual")
+        self._policy.config = replace(self._policy.config, is_auto=mode == "auto")
+        log.info("planner mode: %s", mode)
+        return self.planner_state()
 
     # ---- changes ----------------------------------------------------------------------------
     async def resize(self, sizes: dict[str, int]) -> dict[str, Any]:
@@ -145,7 +175,7 @@ class PoolManager:
             await self._reconcile()
         return await self.snapshot()
 
-    async def move(self, instance_id: str, role: str) -> dict[str, Any]:
+    async def move(self, instance_id: str, role: str, source: str = "admin") -> dict[str, Any]:
         """Move a serving instance to another pool, keeping its weights loaded."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; use one of {ROLES}")
@@ -182,6 +212,9 @@ class PoolManager:
                 await self._register(inst)
                 self._targets[old] -= 1
                 self._targets[role] += 1
+                self._warm_since[instance_id] = time.monotonic()
+                self._metrics.pool_changed("move", source)
+                log.info("%s moved %s -> %s (%s)", instance_id, old, role, source)
         return await self.snapshot()
 
     async def rebalance(self, instance_id: str | None = None) -> list[dict[str, Any]]:
@@ -270,6 +303,8 @@ class PoolManager:
             raise
         self._instances[instance_id] = inst
         await self._register(inst)
+        self._warm_since[instance_id] = time.monotonic()
+        self._metrics.pool_changed("grow", "pools")
         log.info("%s started as %s on %s", instance_id, role, inst.infos[0].node_id)
 
     async def _register(self, inst: Instance) -> None:
@@ -301,6 +336,8 @@ class PoolManager:
             log.warning("%s: drain failed: %s", inst.instance_id, e)
         stop_instance(inst)
         self._instances.pop(inst.instance_id, None)
+        self._warm_since.pop(inst.instance_id, None)
+        self._metrics.pool_changed("shrink", "pools")
 
     async def _is_alive(self, inst: Instance) -> bool:
         try:
@@ -320,6 +357,8 @@ class PoolManager:
         inst.state = DEAD
         self._num_replaced += 1
         self._metrics.instance_died(inst.role)
+        self._metrics.pool_changed("heal", "health")
+        self._warm_since.pop(inst.instance_id, None)
         for uid in inst.unit_ids:
             await self.scheduler.remove_instance.remote(uid)
         stop_instance(inst)
@@ -346,26 +385,80 @@ class PoolManager:
         for inst, is_alive in zip(watched, alive, strict=True):
             if not is_alive and inst.state in (SERVING, DRAINING):
                 await self._heal(inst)
-        counts = {(i.role, i.state): 0 for i in self._instances.values()}
+        counts: dict[tuple[str, str], int] = {}
+        ranks = {role: 0 for role in ROLES}
         for i in self._instances.values():
-            counts[(i.role, i.state)] += 1
+            counts[(i.role, i.state)] = counts.get((i.role, i.state), 0) + 1
+            if i.state == SERVING:
+                ranks[i.role] += i.num_ranks
         sched = await self.scheduler.stats.remote()
         now = time.monotonic()
-        self._metrics.update(counts, sched, now)
+        self._metrics.update(counts, ranks, self._targets, sched)
+        self._metrics.planner(self._planner.recommendation, self._policy.config.is_auto)
         interval = self.config.eplb_interval_s
         if interval and now - self._last_rebalance >= interval:
             await self.rebalance()
         if self._planner.is_due(now):
-            stats = await asyncio.gather(
-                *(
-                    r.stats.remote()
-                    for i in self._instances.values()
-                    if i.state == SERVING
-                    for r in i.ranks
-                ),
-                return_exceptions=True,
-            )
-            workers = [s for s in stats if not isinstance(s, BaseException)]
-            rec = self._planner.observe(now, sched, workers)
-            if rec is not None:
-                self._metrics.set_recommendation(rec.prefill_fraction)
+            await self._plan(now, sched)
+
+    async def _plan(self, now: float, sched: Any) -> None:
+        """One planner round: measure the window, recommend, and in auto mode move."""
+        serving = [i for i in self._instances.values() if i.state == SERVING]
+        answers = await asyncio.gather(
+            *(r.stats.remote() for i in serving for r in i.ranks), return_exceptions=True
+        )
+        owners = [i for i in serving for _ in i.ranks]
+        warmup_s = self._policy.config.warmup_s
+        is_warm = {
+            i.instance_id: now - self._warm_since.get(i.instance_id, now) >= warmup_s
+            for i in serving
+        }
+        workers, warm = [], []
+        for inst, s in zip(owners, answers, strict=True):
+            if isinstance(s, BaseException):
+                continue
+            workers.append(s)
+            if is_warm[inst.instance_id]:
+                warm.append(s)
+        pd = [i for i in serving if i.role in ("prefill", "decode")]
+        if not pd:  # colocated: nothing to split
+            return
+        rec = self._planner.observe(now, sched, workers, len(pd), warm or None)
+        if rec is None:
+            return
+        self._metrics.planner(rec, self._policy.config.is_auto)
+        num_p = sum(1 for i in pd if i.role == "prefill")
+        movable = {
+            role: sum(1 for i in pd if i.role == role and is_warm[i.instance_id])
+            for role in ("prefill", "decode")
+        }
+        decision = self._policy.decide(
+            now, rec, num_p, len(pd) - num_p, movable, self._planner.workload, self._planner.perf
+        )
+        self._decision = decision
+        self._metrics.planner_acted(decision.action)
+        if decision.action != "hold":
+            log.info("planner: %s (%s)", decision.action, decision.reason)
+        for src, dst in decision.moves:
+            candidates = [i for i in pd if i.role == src and is_warm[i.instance_id]]
+            inst = min(candidates, key=lambda i: self._load(i, owners, answers))
+            pd.remove(inst)
+            task = asyncio.get_running_loop().create_task(self._planner_move(inst, dst))
+            self._background.add(task)  # asyncio keeps only weak references to tasks
+            task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def _load(inst: Instance, owners: list[Instance], answers: list[Any]) -> int:
+        """Requests an instance holds now (the planner moves the least busy one)."""
+        return sum(
+            s.num_running + s.num_waiting + s.num_queued
+            for o, s in zip(owners, answers, strict=True)
+            if o is inst and not isinstance(s, BaseException)
+        )
+
+    async def _planner_move(self, inst: Instance, role: str) -> None:
+        try:
+            await self.move(inst.instance_id, role, source="planner")
+        except Exception as e:  # the instance died or changed meanwhile: next round decides
+            self._last_error = f"planner move of {inst.instance_id} failed: {e}"
+            log.warning(self._last_error)

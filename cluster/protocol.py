@@ -144,3 +144,11 @@ class MoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     instance: str
     role: Literal["prefill", "decode", "mixed"]
+
+
+class PlannerModeRequest(BaseModel):
+    """POST /admin/planner: ``auto`` applies the planner's split through role moves; ``manual``
+    only recommends."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["auto", "manual"]

@@ -59,6 +59,12 @@ def start(
     if not ray.is_initialized():
         connect_ray(address)
     config = settings.to_config()  # generates the preset model if needed
+    if config.admin_token_sha256 is None and not config.insecure_admin:
+        log.warning(
+            "admin routes are off: set %s to a token (or pass --insecure-admin on a trusted "
+            "network) to change pools with tidal pools / POST /admin/...",
+            settings.admin_token_env,
+        )
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"

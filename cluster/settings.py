@@ -9,6 +9,7 @@ docs/configuration.md lists every key.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ from decode.jobs import DecodeConfig
 from kvtransfer.config import TransferConfig
 from prefill.jobs import PrefillConfig
 from scheduler.config import SchedulerConfig
+from scheduler.pool_policy import PoolPolicyConfig
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -120,8 +122,27 @@ class ServeSettings(BaseModel):
     drain_timeout_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     max_body_bytes: int = Field(8 << 20, gt=0)
-    transfer_deadline_base_s: float = Field(30.0, gt=0)
+    transfer_progress_lease_s: float = Field(
+        60.0, gt=0, description="a KV transfer that receives no bytes for this long is cut"
+    )
+    transfer_piece_mb: float = Field(
+        16.0, gt=0, description="a cached prefix is sent this many MiB of a layer at a time"
+    )
     transfer_idle_timeout_s: float = Field(10.0, gt=0)
+    # ---- the admin API and the P:D planner
+    admin_token_env: str = Field(
+        "TIDAL_ADMIN_TOKEN", description="environment variable holding the admin bearer token"
+    )
+    insecure_admin: bool = Field(False, description="admin routes without a token")
+    planner: Literal["manual", "auto"] = Field(
+        "manual", description="auto applies the P:D planner's split through role moves"
+    )
+    planner_window_s: float = Field(10.0, gt=0, description="traffic window of one estimate")
+    planner_cooldown_s: float = Field(60.0, ge=0, description="no move sooner after a move")
+    planner_confirm_rounds: int = Field(2, ge=1, description="windows a move must be wanted")
+    planner_hysteresis: float = Field(0.1, ge=0, description="utilisation a move must win by")
+    planner_max_moves: int = Field(1, ge=1, description="moves per planner round")
+    planner_warmup_s: float = Field(30.0, ge=0, description="new/moved instances left alone")
 
     @model_validator(mode="after")
     def _has_decode(self) -> ServeSettings:
@@ -292,7 +313,8 @@ class ServeSettings(BaseModel):
                 enable_prefix_cache=self.prefix_cache,
             ),
             transfer=TransferConfig(
-                deadline_base_s=self.transfer_deadline_base_s,
+                progress_lease_s=self.transfer_progress_lease_s,
+                piece_bytes=int(self.transfer_piece_mb * (1 << 20)),
                 idle_timeout_s=self.transfer_idle_timeout_s,
             ),
             wire_format=wire,
@@ -304,7 +326,25 @@ class ServeSettings(BaseModel):
             redundant_experts=self.redundant_experts,
             eplb_interval_s=self.eplb_interval_s,
             eplb_max_moved_fraction=self.eplb_max_moved_fraction,
+            planner=PoolPolicyConfig(
+                is_auto=self.planner == "auto",
+                cooldown_s=self.planner_cooldown_s,
+                confirm_rounds=self.planner_confirm_rounds,
+                hysteresis=self.planner_hysteresis,
+                max_moves=self.planner_max_moves,
+                warmup_s=self.planner_warmup_s,
+            ),
+            planner_window_s=self.planner_window_s,
+            admin_token_sha256=self.admin_token_sha256(),
+            insecure_admin=self.insecure_admin,
         )
+
+    def admin_token_sha256(self) -> str | None:
+        """sha256 hex of the admin token in ``admin_token_env`` (None when unset or empty);
+        read where the application is built (``tidal serve``, or the Serve controller for a
+        Serve config: set it there, e.g. from a Kubernetes Secret)."""
+        token = os.environ.get(self.admin_token_env, "")
+        return hashlib.sha256(token.encode()).hexdigest() if token else None
 
 
 def ensure_preset(preset: str, models_dir: Path) -> Path:

@@ -30,6 +30,7 @@ class StageState:
     prefill_tokens_per_s: float | None = None
     decode_step_s: float | None = None
     num_transfer_bytes: int = 0  # KV bytes sent and confirmed by receivers (prefill)
+    transfer_s: float = 0.0  # seconds those transfers took, open to verified close (prefill)
     num_reserved_unfilled_pages: int = 0  # decode: reserved for KV still arriving
     cached_block_hashes: tuple[int, ...] = ()  # the prefix cache, for prefix-aware routing
 

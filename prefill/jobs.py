@@ -46,6 +46,9 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
+    queue_s: float = 0.0  # submitted -> pages allocated (waiting behind other prompts)
+    compute_s: float = 0.0  # first chunk -> last chunk computed
+    transfer_tail_s: float = 0.0  # last chunk computed -> the receiver verified the KV
     first_logprob: TokenLogprob | None = None  # when the job's sampling asks for logprobs
 
 

@@ -53,6 +53,9 @@ class _Task:
     is_cancelled: bool = False
     is_released: bool = False  # sink closed or aborted, pages freed, future resolved
     block_hashes: list[int] = field(default_factory=list)  # of the prompt's full blocks
+    t_submit: float = field(default_factory=time.monotonic)
+    t_start: float = 0.0  # pages allocated, first chunk next
+    t_computed: float = 0.0  # last chunk computed (first token sampled)
     first_logprob: TokenLogprob | None = None  # when the job's sampling asks for logprobs
 
     @property
@@ -89,6 +92,7 @@ class PrefillStage:
         self._num_completed = 0
         self._num_failed = 0
         self._num_sent_bytes = 0  # KV bytes receivers confirmed
+        self._transfer_s = 0.0  # seconds those transfers took (open -> verified close)
 
     # ---- API (any thread) -------------------------------------------------------------------
     def submit(self, job: PrefillJob) -> Future[PrefillResult]:
@@ -170,6 +174,7 @@ class PrefillStage:
             num_cached_tokens=s.num_cached_tokens,
             prefill_tokens_per_s=s.tokens_per_s or None,
             num_transfer_bytes=self._num_sent_bytes,
+            transfer_s=self._transfer_s,
             cached_block_hashes=s.cached_block_hashes,
         )
 
@@ -253,6 +258,7 @@ class PrefillStage:
         if num_cached is None:
             return False
         task.is_started = True
+        task.t_start = time.monotonic()
         task.num_cached = task.num_computed = num_cached
         try:
             if job.kv_address is not None:
@@ -304,6 +310,7 @@ class PrefillStage:
                 table = self.allocator.block_table(task.job.request_id)
                 self.prefix_cache.insert(task.block_hashes, table)
         first_token_id, task.first_logprob = sample_with_logprob(logits, task.job.sampling, 0)
+        task.t_computed = time.monotonic()
         self._num_prompt_tokens += task.num_prompt
         self._num_cached_tokens += task.num_cached
         if task.sink is None:
@@ -326,6 +333,7 @@ class PrefillStage:
                 sent = sink.close()  # raises if the transfer failed (or was aborted by a cancel)
                 with self._lock:
                     self._num_sent_bytes += sent.wire_bytes
+                    self._transfer_s += sent.seconds
             error = None
         except Exception as e:
             error = f"KV transfer to {task.job.kv_address} failed: {e}"
@@ -366,6 +374,9 @@ class PrefillStage:
     def _resolve(self, task: _Task, first_token_id: int = -1, error: str | None = None) -> None:
         if task.future.done():
             return
+        now = time.monotonic()
+        t_start = task.t_start or now
+        t_computed = task.t_computed or now
         task.future.set_result(
             PrefillResult(
                 request_id=task.job.request_id,
@@ -374,5 +385,8 @@ class PrefillStage:
                 num_prompt_tokens=task.num_prompt,
                 num_cached_tokens=task.num_cached,
                 error=error,
+                queue_s=t_start - task.t_submit,
+                compute_s=t_computed - t_start,
+                transfer_tail_s=now - t_computed,
             )
         )

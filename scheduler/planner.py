@@ -65,6 +65,7 @@ class PDRecommendation:
     estimated_ttft_s: float  # inf when the prefill pool is overloaded
     is_feasible: bool  # both SLOs met within the budget
     reason: str  # why not feasible ("" when feasible)
+    why: str = "prefill_bound"  # prefill_bound | decode_bound | over_budget: what set the split
 
     @property
     def prefill_fraction(self) -> float:
@@ -144,12 +145,19 @@ def recommend(
         reasons.append(
             f"needs {need_p} prefill + {need_d} decode instances, budget is {num_instances}"
         )
+    util_p = prefill_utilization(workload, perf, num_p)
+    util_d = decode_utilization(workload, perf, num_d)
+    if need_p + need_d > num_instances:
+        why = "over_budget"
+    else:
+        why = "prefill_bound" if util_p >= util_d else "decode_bound"
     return PDRecommendation(
         num_prefill=num_p,
         num_decode=num_d,
-        prefill_utilization=prefill_utilization(workload, perf, num_p),
-        decode_utilization=decode_utilization(workload, perf, num_d),
+        prefill_utilization=util_p,
+        decode_utilization=util_d,
         estimated_ttft_s=prefill_ttft_s(workload, perf, num_p),
         is_feasible=not reasons,
         reason="; ".join(reasons),
+        why=why,
     )

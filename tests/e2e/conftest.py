@@ -8,6 +8,7 @@ process with the workers' engine settings.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -28,6 +29,12 @@ BASE_SETTINGS: dict[str, Any] = {
     "report_interval_s": 0.1,
     "drain_timeout_s": 60.0,
 }
+
+
+# The admin routes need a bearer token: deployed() builds every app with this one, and the
+# helpers (pools(), ADMIN headers) send it.
+ADMIN_TOKEN = "e2e-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _free_port() -> int:
@@ -59,6 +66,7 @@ def deployed(serve_url: str, model_dir: Any, name: str, **overrides: Any) -> Ite
     settings = ServeSettings(
         **{**BASE_SETTINGS, "model": str(model_dir), "name": name, **overrides}
     )
+    os.environ[settings.admin_token_env] = ADMIN_TOKEN  # read by to_config()
     serve.run(build_app_from_config(settings.to_config()), name=name, route_prefix="/")
     try:
         wait_healthy(serve_url, 240.0)
@@ -123,7 +131,7 @@ def offline_greedy(engine: Any, prompts: list[list[int]], max_tokens: int) -> li
 
 
 def pools(url: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/admin/pools", timeout=30)
+    r = httpx.get(f"{url}/admin/pools", headers=ADMIN, timeout=30)
     r.raise_for_status()
     return r.json()
 

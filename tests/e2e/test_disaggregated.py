@@ -12,6 +12,7 @@ import pytest
 
 from common.sampling import SamplingParams
 from tests.e2e.conftest import (
+    ADMIN,
     MODEL_NAME,
     completion_ids,
     deployed,
@@ -257,10 +258,10 @@ def test_metrics_export(url):
 
 
 def test_admin_refuses_bad_changes(url):
-    r = httpx.post(f"{url}/admin/pools", json={"prefill": 1, "decode": 0})
+    r = httpx.post(f"{url}/admin/pools", json={"prefill": 1, "decode": 0}, headers=ADMIN)
     assert r.status_code == 400 and "decode" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/admin/move", json={"instance": "nope", "role": "decode"})
+    r = httpx.post(f"{url}/admin/move", json={"instance": "nope", "role": "decode"}, headers=ADMIN)
     assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/admin/pools", json={"prefill": -1})
+    r = httpx.post(f"{url}/admin/pools", json={"prefill": -1}, headers=ADMIN)
     assert r.status_code == 422
     assert pools(url)["targets"] == {"prefill": 1, "decode": 1, "mixed": 0}

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from tests.e2e.conftest import (
+    ADMIN,
     assert_idle_pages,
     deployed,
     http_complete_all,
@@ -64,7 +65,7 @@ class TestDisaggregatedEP2:
     def test_rebalance_moves_experts_live_and_tokens_stay(self, url, greedy_cases):
         skewed = [(p, e) for p, e in greedy_cases[:2]] * 3  # the same prompts: hot experts
         assert http_complete_all(url, skewed) == [e for _, e in skewed]
-        r = httpx.post(f"{url}/admin/eplb/rebalance", json={}, timeout=300)
+        r = httpx.post(f"{url}/admin/eplb/rebalance", json={}, headers=ADMIN, timeout=300)
         assert r.status_code == 200, r.text
         rounds = r.json()["rebalances"]
         assert len(rounds) == 2 and all(x["error"] is None for x in rounds), rounds
@@ -73,7 +74,9 @@ class TestDisaggregatedEP2:
             assert min(x["balancedness_after"]) >= min(x["balancedness_before"]) - 1e-9
         outs = http_complete_all(url, greedy_cases)  # served by the new placement
         assert outs == [e for _, e in greedy_cases]
-        bad = httpx.post(f"{url}/admin/eplb/rebalance", json={"instance": "nope"}, timeout=30)
+        bad = httpx.post(
+            f"{url}/admin/eplb/rebalance", json={"instance": "nope"}, headers=ADMIN, timeout=30
+        )
         assert bad.status_code == 400 and "expert-parallel" in bad.text
         wait_for(  # Ray exports metrics every few seconds
             lambda: all(
@@ -87,7 +90,7 @@ class TestDisaggregatedEP2:
         assert_idle_pages(url)
 
     def test_grow_then_kill_a_decode_rank_mid_stream(self, url, reference_engine):
-        r = httpx.post(f"{url}/admin/pools", json={"decode": 2}, timeout=300)
+        r = httpx.post(f"{url}/admin/pools", json={"decode": 2}, headers=ADMIN, timeout=300)
         assert r.status_code == 200, r.text
         assert len(_serving(url, "decode")) == 2
         n = 200

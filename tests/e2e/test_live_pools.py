@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from tests.e2e.conftest import (
+    ADMIN,
     LONG_PROMPT_LEN,
     assert_idle_pages,
     deployed,
@@ -70,12 +71,17 @@ def test_grow_and_move_while_requests_flow(url, reference_engine):
         t.start()
     try:
         wait_for(lambda: done[0] >= 2, what="traffic flowing")
-        r = httpx.post(f"{url}/admin/pools", json={"prefill": 2}, timeout=300)
+        r = httpx.post(f"{url}/admin/pools", json={"prefill": 2}, headers=ADMIN, timeout=300)
         assert r.status_code == 200, r.text
         assert len(_serving(url)["prefill"]) == 2
         n_before_move = done[0]
         moved = _serving(url)["prefill"][0]
-        r = httpx.post(f"{url}/admin/move", json={"instance": moved, "role": "decode"}, timeout=300)
+        r = httpx.post(
+            f"{url}/admin/move",
+            json={"instance": moved, "role": "decode"},
+            headers=ADMIN,
+            timeout=300,
+        )
         assert r.status_code == 200, r.text
         wait_for(lambda: done[0] >= n_before_move + 4, timeout_s=120, what="traffic after the move")
     finally:
