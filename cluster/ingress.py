@@ -11,11 +11,11 @@ and the workers; here only HTTP, text and usage are handled. Errors use OpenAI's
 (cluster/errors.py).
 """
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admin_auth import admin_refusal
 from cluster.config import ClusterConfig
-from cluster.errors import ApiError, StreamError
-from cluster.flow import Finished, Flow, Generation, InstanceDirectory, Started, Tokens
+from cluster.errors import ApiError
+from cluster.flow import Flow, Generation, InstanceDirectory, Started
 from cluster.metrics import IngressMetrics, scrape_tidal_metrics
 from cluster.protocol import (
     ChatCompletionRequest,
@@ -36,11 +36,86 @@ from cluster.protocol import (
     PlannerModeRequest,
     ResizeRequest,
 )
-from cluster.text import TextStream
+from cluster.responses import Choice, Response
+from cluster.tool_calls import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # clipped to what the context has left
+_warned_fields: set[str] = set()  # unknown request fields already logged (once per name)
+
+
+def _warn_unknown(names: list[str]) -> None:
+    for name in names:
+        if name not in _warned_fields:
+            _warned_fields.add(name)
+            log.warning("request field %r is not used by tidal; accepted and ignored", name)
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """Body bytes -> validated model: 400 not UTF-8 JSON, 422 invalid, 400 a value tidal
+    cannot honour (naming the field); unknown fields are logged once and ignored."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(
+            400, f"request body is not valid UTF-8 (bad byte at offset {e.start})"
+        ) from None
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        where = (
+            f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        )
+        raise ApiError(
+            400, f"malformed JSON: {getattr(e, 'msg', 'nested too deeply')}{where}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(obj).__name__}")
+    try:
+        body = model.model_validate(obj)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors
+        )
+        raise ApiError(422, detail, code="invalid_value", param=param) from None
+    if hasattr(body, "unknown_fields"):
+        _warn_unknown(body.unknown_fields())
+    unsupported = body.unsupported() if hasattr(body, "unsupported") else []
+    if unsupported:
+        param = unsupported[0].split(":")[0]
+        raise ApiError(400, "; ".join(unsupported), code="unsupported_value", param=param)
+    return body
+
+
+def chat_prompt(body: ChatCompletionRequest, tokenizer: Any) -> tuple[list[int], str]:
+    """The prompt's token ids (messages and tools through the chat template, then any forced
+    start of the assistant turn) and that forced text; a message the template refuses is 400."""
+    messages = [m.template_dict() for m in body.messages]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tools=tools if body.tool_mode != "off" else None
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    forced = forced_tool_prefix(body)
+    return tokenizer.encode(text + forced), forced
+
+
+def forced_tool_prefix(body: ChatCompletionRequest) -> str:
+    """Text that starts the assistant turn so the model calls a tool: tidal has no constrained
+    decoding, so ``required`` opens K2's tool-call section and a named function also opens that
+    function's call (id ``functions.NAME:0``); the arguments are the model's own."""
+    if body.tool_mode == "required":
+        return SECTION_BEGIN[0]
+    if body.tool_mode == "named":
+        name = body.tool_choice.function.name
+        return f"{SECTION_BEGIN[0]}{CALL_BEGIN}functions.{name}:0{ARGUMENT_BEGIN}"
+    return ""
+
 
 app = FastAPI(title="tidal", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -61,135 +136,6 @@ async def _bug(_: Request, e: Exception) -> JSONResponse:
     return ApiError(500, f"internal error: {type(e).__name__}: {e}").to_response()
 
 
-class _Output:
-    """One response being written: text, stop strings, usage, the OpenAI JSON shapes."""
-
-    def __init__(
-        self, ingress: Any, body: Any, gen: Generation, kind: str, num_cached: int, t0: float
-    ) -> None:
-        self.ingress = ingress
-        self.body = body
-        self.gen = gen
-        self.kind = kind
-        self.num_cached = num_cached
-        self.t0 = t0
-        self.created = int(time.time())
-        self.text = TextStream(ingress.tokenizer, body.stop_strings)
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
-        self._t_last: float | None = None
-
-    # ---- events -> text ---------------------------------------------------------------------
-    async def _deltas(self, events: AsyncIterator[Any]) -> AsyncIterator[tuple[str, list[int]]]:
-        """(text delta, token ids delta) pairs until the request ends; sets finish_reason."""
-        metrics, tags = self.ingress.metrics, self.ingress._tags
-        try:
-            async for ev in events:
-                if isinstance(ev, Tokens):
-                    now = time.monotonic()
-                    if self._t_last is None:
-                        metrics.ttft.observe(now - self.t0, tags)
-                    else:
-                        metrics.itl.observe((now - self._t_last) / len(ev.token_ids), tags)
-                    self._t_last = now
-                    self.token_ids += ev.token_ids
-                    metrics.output_tokens.inc(float(len(ev.token_ids)), tags)
-                    delta = self.text.add(ev.token_ids)
-                    yield delta, ev.token_ids
-                    if self.text.is_stopped:
-                        self.finish_reason = "stop"
-                        return  # closing `events` cancels the request and frees its pages
-                elif isinstance(ev, Finished):
-                    self.finish_reason = ev.finish_reason
-                    yield self.text.finish(), []
-                    return
-        finally:
-            await events.aclose()
-            outcome = self.finish_reason or "aborted"
-            metrics.requests.inc(1.0, {**tags, "outcome": outcome})
-            metrics.e2e.observe(time.monotonic() - self.t0, tags)
-            metrics.prompt_tokens.inc(float(len(self.gen.prompt_ids)), tags)
-            if self.num_cached:
-                metrics.cached_tokens.inc(float(self.num_cached), tags)
-
-    async def json(self, events: AsyncIterator[Any]) -> dict[str, Any]:
-        parts: list[str] = []
-        try:
-            async for delta, _ in self._deltas(events):
-                parts.append(delta)
-        except StreamError as e:
-            raise ApiError(503, str(e), code="worker_failed", retry_after_s=1.0) from None
-        text = "".join(parts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason, "logprobs": None}
-        if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        if self.body.return_token_ids:
-            choice["token_ids"] = self.token_ids
-        answer = {
-            "id": self.gen.request_id,
-            "object": "chat.completion" if self.kind == "chat" else "text_completion",
-            "created": self.created,
-            "model": self.body.model,
-            "choices": [choice],
-            "usage": self.usage(),
-        }
-        if self.body.return_token_ids:
-            answer["prompt_token_ids"] = self.gen.prompt_ids
-        return answer
-
-    async def sse(self, events: AsyncIterator[Any]) -> AsyncIterator[str]:
-        deltas = self._deltas(events)
-        try:
-            if self.kind == "chat":
-                yield self._chunk({"delta": {"role": "assistant", "content": ""}})
-            async for delta, ids in deltas:
-                if delta or (ids and self.body.return_token_ids):
-                    yield self._chunk(self._delta(delta, ids))
-            yield self._chunk({**self._delta("", []), "finish_reason": self.finish_reason})
-            if self.body.include_usage:
-                yield _sse({**self._envelope(), "choices": [], "usage": self.usage()})
-        except StreamError as e:
-            yield _sse(ApiError(503, str(e), code="worker_failed").body())
-        finally:
-            # Closed at a yield (client gone): close the chain now, not whenever the garbage
-            # collector finalizes it, so the request is cancelled and its pages freed at once.
-            await deltas.aclose()
-        yield "data: [DONE]\n\n"
-
-    # ---- shapes -----------------------------------------------------------------------------
-    def usage(self) -> dict[str, Any]:
-        n_prompt, n_out = len(self.gen.prompt_ids), len(self.token_ids)
-        return {
-            "prompt_tokens": n_prompt,
-            "completion_tokens": n_out,
-            "total_tokens": n_prompt + n_out,
-            "prompt_tokens_details": {"cached_tokens": self.num_cached},
-        }
-
-    def _envelope(self) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {
-            "id": self.gen.request_id,
-            "object": kind,
-            "created": self.created,
-            "model": self.body.model,
-        }
-
-    def _delta(self, text: str, ids: list[int]) -> dict[str, Any]:
-        d: dict[str, Any] = {"delta": {"content": text}} if self.kind == "chat" else {"text": text}
-        if self.body.return_token_ids:
-            d["token_ids"] = ids
-        return d
-
-    def _chunk(self, choice: dict[str, Any]) -> str:
-        choice = {"index": 0, "logprobs": None, "finish_reason": None, **choice}
-        if self.kind == "chat" and "delta" not in choice:
-            choice["delta"] = {}
-        return _sse({**self._envelope(), "choices": [choice], "usage": None})
-
-
 class _ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that closes its body iterator however the response ends.
 
@@ -204,10 +150,6 @@ class _ClosingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 @serve.ingress(app)
@@ -275,10 +217,8 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         body = await self._parse(request, ChatCompletionRequest)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        prompt_ids = self.tokenizer.encode(text)
-        return await self._serve(body, prompt_ids, "chat", body.max_new_tokens)
+        prompt_ids, forced = chat_prompt(body, self.tokenizer)
+        return await self._serve(body, prompt_ids, "chat", body.max_new_tokens, forced)
 
     # ---- admin routes -----------------------------------------------------------------------
     @app.get("/admin/pools")
@@ -351,29 +291,7 @@ class Ingress:
             raw += chunk
             if len(raw) > limit:
                 raise ApiError(413, f"request body exceeds the {limit}-byte limit")
-        try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ApiError(
-                400, f"request body is not valid UTF-8 (bad byte at offset {e.start})"
-            ) from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ApiError(
-                400, f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})"
-            ) from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, f"the body must be a JSON object, got {type(obj).__name__}")
-        try:
-            body = model.model_validate(obj)
-        except ValidationError as e:
-            errors = e.errors(include_url=False)
-            param = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
-            detail = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors
-            )
-            raise ApiError(422, detail, code="invalid_value", param=param) from None
+        body = parse_body(bytes(raw), model)
         if check_model and body.model != self.config.model_name:
             raise ApiError(
                 404,
@@ -396,38 +314,74 @@ class Ingress:
         return self._flow
 
     async def _serve(
-        self, body: Any, prompt_ids: list[int], kind: str, max_tokens: int | None
+        self,
+        body: Any,
+        prompt_ids: list[int],
+        kind: str,
+        max_tokens: int | None,
+        forced: str = "",
     ) -> Any:
+        """Run the request's ``n`` choices and answer. Choice 0 is placed first: once it is,
+        its prompt's blocks are in a prefix cache, and the other choices' prefills reuse them."""
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty after tokenisation", param="prompt")
         if max_tokens is None:
             room = self.max_model_len - len(prompt_ids)
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS[kind], room))
         prefix = "cmpl" if kind == "completion" else "chatcmpl"
-        gen = Generation(
-            request_id=f"{prefix}-{uuid.uuid4().hex}",
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            sampling=body.sampling(),
-            stop_token_ids=tuple(body.stop_token_ids),
-            ignore_eos=body.ignore_eos,
-        )
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        gens = [
+            Generation(
+                request_id=request_id if body.n == 1 else f"{request_id}.c{i}",
+                prompt_ids=prompt_ids,
+                max_tokens=max_tokens,
+                sampling=body.sampling(i),
+                stop_token_ids=tuple(body.stop_token_ids),
+                ignore_eos=body.ignore_eos,
+            )
+            for i in range(body.n)
+        ]
         flow = await self._get_flow()
         t0 = time.monotonic()
-        events = flow.generate(gen)
+        streams = [flow.generate(g) for g in gens]
         try:
-            first = await events.__anext__()  # placed, or ApiError (400/429/503) raised here
+            first = await self._start(streams[0])
+            await asyncio.gather(*(self._start(s) for s in streams[1:]))
+        except BaseException:
+            for s in streams:
+                await s.aclose()  # cancels the choices already placed
+            raise
+        tool_mode = getattr(body, "tool_mode", "off")
+        choices = [
+            Choice(
+                i,
+                self.tokenizer,
+                body.stop_strings,
+                tool_mode,
+                forced,
+                getattr(body, "parallel_tool_calls", True),
+            )
+            for i in range(body.n)
+        ]
+        out = Response(
+            self, body, request_id, prompt_ids, kind, first.num_cached_tokens, t0, choices
+        )
+        if body.stream:
+            return _ClosingStreamingResponse(
+                out.sse(streams),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await out.json(streams)
+
+    async def _start(self, events: Any) -> Started:
+        """A choice's first event: placed, or its ApiError (400/429/503) raised here."""
+        try:
+            first = await events.__anext__()
         except ApiError as e:
             self.metrics.requests.inc(1.0, {**self._tags, "outcome": str(e.status)})
             if e.code is not None and e.status in (400, 429, 503):
                 self.metrics.rejects.inc(1.0, {"reason": e.code})
             raise
         assert isinstance(first, Started)
-        out = _Output(self, body, gen, kind, first.num_cached_tokens, t0)
-        if body.stream:
-            return _ClosingStreamingResponse(
-                out.sse(events),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await out.json(events)
+        return first

@@ -229,6 +229,10 @@ class Tokenizer:
         """Text of ``ids``; an incomplete UTF-8 sequence becomes U+FFFD."""
         return self._backend.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (part of a UTF-8 character, for some byte-level tokens)."""
+        return self._backend.decode_bytes([token_id])
+
     def decode_stream(self) -> DecodeStream:
         """An incremental detokenizer for one output stream."""
         return DecodeStream(self)

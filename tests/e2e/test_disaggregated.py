@@ -151,7 +151,7 @@ BAD_INPUTS = [
     ("not an object", b"[1, 2, 3]", 400),
     ("wrong type", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": "ten"}, 422),
     ("negative max_tokens", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": -3}, 422),
-    ("unknown field", {"model": MODEL_NAME, "prompt": "hi", "best_of_luck": 2}, 422),
+    ("field we cannot honour", {"model": MODEL_NAME, "prompt": "hi", "echo": True}, 400),
     ("unknown model", {"model": "gpt-9", "prompt": "hi"}, 404),
     ("token id out of range", {"model": MODEL_NAME, "prompt": [1, 10**6]}, 400),
     ("oversized body", {"model": MODEL_NAME, "prompt": "x" * (2 << 20)}, 413),
