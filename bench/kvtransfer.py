@@ -51,7 +51,7 @@ from model.kv_cache import PagedLatentCache, bytes_per_token  # noqa: E402
 K2_LAYERS, K2_RANK, K2_ROPE, PAGE = 61, 512, 64, 64
 MB = 1e6
 # deadlines out of the way: a CPU prefill of 16K tokens paces its stream for minutes
-BENCH_CONFIG = TransferConfig(idle_timeout_s=60.0, deadline_base_s=3600.0, lease_s=3600.0)
+BENCH_CONFIG = TransferConfig(idle_timeout_s=60.0, progress_lease_s=3600.0, lease_s=3600.0)
 
 
 def k2_config(num_layers: int = K2_LAYERS) -> ModelConfig:

@@ -1,8 +1,10 @@
 """KV reservations made in the receiver for requests that have not been started yet.
 
 ``reserve`` sets pages aside in the ``KVReceiver`` (which fills them from a prefill instance);
-``start`` takes the reservation over. One nobody takes within its lease plus a grace period is
-released (the ingress gave up on it), so an abandoned request never pins pages.
+``start`` takes the reservation over. One nobody takes within its lease plus a grace period
+(counted from when its KV arrived, for a transfer that outlived the lease) is released (the
+ingress gave up on it), so an abandoned request never pins pages. A transfer still arriving is
+bounded by the receiver's own leases (reservation lease, idle deadline, progress lease).
 """
 
 from __future__ import annotations
@@ -51,8 +53,19 @@ class Reservations:
             reservation = self.receiver.reserve(request_id, num_tokens, lease_s)
             deadline = time.monotonic() + lease_s + self.grace_s
             self._entries[request_id] = (reservation, deadline)
-        reservation.future.add_done_callback(lambda _: self._on_done())
+        reservation.future.add_done_callback(lambda _: self._arrived(request_id))
         return self.receiver.address
+
+    def _arrived(self, request_id: str) -> None:
+        """The KV arrived (or failed): ``start`` has a grace period from now at least."""
+        with self._lock:
+            entry = self._entries.get(request_id)
+            if entry is not None:
+                self._entries[request_id] = (
+                    entry[0],
+                    max(entry[1], time.monotonic() + self.grace_s),
+                )
+        self._on_done()
 
     def take(self, request_id: str):
         """The reservation of a request being started (None if there is none); it is the
@@ -80,7 +93,9 @@ class Reservations:
         """Release reservations not started by their deadline; returns their ids."""
         now = time.monotonic()
         with self._lock:
-            expired = [rid for rid, (_, deadline) in self._entries.items() if now > deadline]
+            expired = [
+                rid for rid, (r, deadline) in self._entries.items() if now > deadline and r.done()
+            ]
         return [rid for rid in expired if self.drop(rid)]
 
     def pending(self) -> list:

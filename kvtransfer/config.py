@@ -11,16 +11,20 @@ MiB = 1 << 20
 class TransferConfig:
     """Sizes and deadlines of the KV transfer; every default is in seconds or bytes.
 
-    The overall deadline of a transfer is ``deadline_base_s + total_bytes / deadline_min_rate``
-    counted from ``begin()`` (sender) or the open frame (receiver). A transfer streamed from a
-    slow producer (a long CPU prefill) must raise it, or it fails by design.
+    A transfer has no fixed total deadline: it holds a *progress lease*. The receiver cuts it
+    when no KV bytes arrived for ``progress_lease_s`` (pings keep the stream open but do not
+    renew the lease), and when no frame at all arrived for ``idle_timeout_s``; the sender cuts
+    it when chunks stay unacknowledged for ``idle_timeout_s``. So a 256K prompt whose prefill
+    streams for minutes lives as long as it makes progress, and a stalled one is cut within
+    its lease whatever its size. A cached prefix goes out in pieces of ``piece_bytes`` per
+    layer (``OutboundKV.send_prefix``), never a whole layer of a long context at once.
     """
 
     chunk_bytes: int = 16 * MiB  # largest tensor payload of one chunk frame
     max_inflight_bytes: int = 64 * MiB  # sender: unacknowledged bytes before send_layer blocks
     idle_timeout_s: float = 5.0  # no acknowledgement (sender) / no frame (receiver) for this long
-    deadline_base_s: float = 10.0
-    deadline_min_rate: float = 50e6  # bytes/s the overall deadline allows for
+    progress_lease_s: float = 60.0  # receiver: no KV bytes for this long cuts the transfer
+    piece_bytes: int = 16 * MiB  # largest slice of one layer exported at once (cached prefix)
     connect_timeout_s: float = 3.0  # sender: wait for the open to be accepted
     lease_s: float = 30.0  # receiver: a reservation with no transfer open expires after this
     max_message_bytes: int = 64 * MiB + 64 * 1024  # gRPC limit, both directions
@@ -32,7 +36,8 @@ class TransferConfig:
         assert self.chunk_bytes + 4096 <= self.max_message_bytes, (
             "chunk_bytes must leave 4 KiB of header room under max_message_bytes"
         )
-        assert self.idle_timeout_s > 0 and self.deadline_base_s > 0 and self.lease_s > 0
+        assert self.idle_timeout_s > 0 and self.progress_lease_s > 0 and self.lease_s > 0
+        assert self.piece_bytes > 0, "piece_bytes must be positive"
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel/server options: message limits, and large HTTP/2 frames and windows so a
@@ -57,9 +62,6 @@ class TransferConfig:
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
-
-    def overall_deadline_s(self, total_bytes: int) -> float:
-        return self.deadline_base_s + total_bytes / self.deadline_min_rate
 
     @property
     def keepalive_s(self) -> float:

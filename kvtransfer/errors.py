@@ -23,7 +23,7 @@ class Status(str, Enum):
     OUT_OF_ORDER = "out_of_order"  # chunk sequence gap or token range not contiguous
     DUPLICATE_CONFLICT = "duplicate_conflict"  # a re-sent chunk whose bytes differ
     LEASE_EXPIRED = "lease_expired"  # reservation unused for its lease
-    DEADLINE_EXCEEDED = "deadline_exceeded"  # idle or overall deadline passed
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # idle deadline or progress lease passed
     ABORTED = "aborted"  # the sender gave up (KVSender.abort)
     CANCELLED = "cancelled"  # the receiver's owner cancelled the request
     SHUTDOWN = "shutdown"  # the receiver stopped

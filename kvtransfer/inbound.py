@@ -69,8 +69,8 @@ class InboundTransfer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: wire.OpenMsg | None = None
     opened_at: float = 0.0
-    last_frame_at: float = 0.0
-    deadline: float = float("inf")
+    last_frame_at: float = 0.0  # any frame, pings included (the idle deadline)
+    last_data_at: float = 0.0  # the last applied chunk (the progress lease)
     next_seq: int = 0
     chunk_sums: list[int] = field(default_factory=list)  # by seq
     layer_next: list[int] = field(default_factory=list)  # next token expected per layer
@@ -129,6 +129,7 @@ class InboundTransfer:
         self.next_seq += 1
         self.layer_next[c.layer] = c.end
         self.wire_bytes += c.data.nbytes
+        self.last_data_at = self.last_frame_at
         return self.status(Status.OK)
 
     def apply_close(self, c: wire.CloseMsg) -> wire.StatusMsg:

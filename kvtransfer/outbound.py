@@ -29,16 +29,27 @@ class OutboundKV:
     """One open transfer of one sequence's KV. Every method raises ``TransferError`` on a failed
     transfer; ``send_layer``/``close`` come from one thread, ``abort`` from any."""
 
-    def __init__(self, sender: KVSender, cache: PagedLatentCache, seq_id: Hashable) -> None:
+    def __init__(
+        self, sender: KVSender, cache: PagedLatentCache, seq_id: Hashable, piece_bytes: int
+    ) -> None:
         self._sender = sender
         self._cache = cache
         self._seq_id = seq_id
+        self._piece_bytes = piece_bytes
 
     def send_layer(self, layer: int, start: int, end: int) -> None:
         """Send tokens [start, end) of ``layer`` as they sit in the sequence's pages now (the
         records are copied out before this returns: the pages may be freed afterwards)."""
         records = export_records(self._cache, self._seq_id, layer, start, end)
         self._sender.send_layer(layer, start, end, records)
+
+    def send_prefix(self, end: int) -> None:
+        """Send tokens [0, end) of every layer (a cached prefix), ``piece_bytes`` of a layer at a
+        time, piece by piece: memory held for it stays bounded however long the prefix is."""
+        rows = max(1, self._piece_bytes // self._cache.bytes_per_token)
+        for lo in range(0, end, rows):
+            for layer in range(self._cache.num_layers):
+                self.send_layer(layer, lo, min(lo + rows, end))
 
     def close(self) -> SendResult:
         """Block until the receiver holds the whole KV, verified."""
@@ -88,7 +99,7 @@ class KVOutbox:
             wire_fmt=fmt,
             page_size=self._cache.page_size,
         )
-        return OutboundKV(sender, self._cache, seq_id)
+        return OutboundKV(sender, self._cache, seq_id, self.config.piece_bytes)
 
     @property
     def num_channels(self) -> int:

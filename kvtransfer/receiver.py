@@ -7,7 +7,8 @@ Lifecycle of one request's KV (see README.md for the frames):
    sizes, then writes each chunk straight into the reserved pages after checking its checksum.
 3. On close (all layers, all tokens, overall checksum) the future resolves; the pages now
    belong to the decode loop, which frees them with the rest of the sequence.
-4. On any failure (bad chunk, abort, cancel, idle/overall deadline, unused lease, shutdown)
+4. On any failure (bad chunk, abort, cancel, idle deadline, progress lease, unused
+   reservation lease, shutdown)
    the pages are freed and the future raises ``TransferError`` with the status.
 """
 
@@ -211,7 +212,7 @@ class KVReceiver:
         return True
 
     def _reap(self) -> None:
-        """Expire leases and idle/overall deadlines; runs until stop()."""
+        """Expire reservation leases, idle deadlines and progress leases; runs until stop()."""
         tick = min(0.05, self.config.idle_timeout_s / 10, self.config.lease_s / 10)
         while not self._stopping.wait(tick):
             now = time.monotonic()
@@ -229,8 +230,11 @@ class KVReceiver:
                 elif e.open is not None and now > e.last_frame_at + self.config.idle_timeout_s:
                     msg = f"no frame for {self.config.idle_timeout_s:g} s (idle deadline)"
                     self._finish(e, e.status(Status.DEADLINE_EXCEEDED, msg))
-                elif e.open is not None and now > e.deadline:
-                    msg = f"transfer exceeded its overall deadline of {e.deadline - e.opened_at:.1f} s"
+                elif e.open is not None and now > e.last_data_at + self.config.progress_lease_s:
+                    msg = (
+                        f"no KV bytes for {self.config.progress_lease_s:g} s (progress lease; "
+                        f"{e.wire_bytes} of {e.open.total_bytes} B arrived)"
+                    )
                     self._finish(e, e.status(Status.DEADLINE_EXCEEDED, msg))
 
     # ---- the stream handler -----------------------------------------------------------------
@@ -325,8 +329,7 @@ class KVReceiver:
             if refusal is None and not busy:
                 now = time.monotonic()
                 pending.open = msg
-                pending.opened_at = pending.last_frame_at = now
-                pending.deadline = now + self.config.overall_deadline_s(msg.total_bytes)
+                pending.opened_at = pending.last_frame_at = pending.last_data_at = now
                 pending.layer_next = [0] * msg.num_layers
                 pending.context = context
                 with self._lock:

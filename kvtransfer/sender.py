@@ -4,7 +4,8 @@
 sizes); ``send_layer`` is called as each layer (or token range of a layer) is computed and
 returns once the chunk is queued, blocking only when ``max_inflight_bytes`` are unacknowledged;
 ``end`` waits for the receiver to hold the whole KV, verified. Any failure raises
-``TransferError`` with a status, within the idle or overall deadline. A broken stream is
+``TransferError`` with a status: when chunks stay unacknowledged for ``idle_timeout_s``
+(there is no fixed total deadline; see ``TransferConfig``). A broken stream is
 resumed once, from the receiver's last acknowledged chunk (the sender keeps unacknowledged
 frames, so nothing is recomputed).
 """
@@ -44,11 +45,12 @@ class SendResult:
 class _Stream:
     """One gRPC bidi call: a queue of outgoing frames and the call's response iterator."""
 
-    def __init__(self, channel: grpc.Channel, timeout_s: float, keepalive_s: float) -> None:
+    def __init__(self, channel: grpc.Channel, keepalive_s: float) -> None:
         self.frames: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.keepalive_s = keepalive_s
         method = channel.stream_stream(wire.FULL_METHOD)
-        self.call = method(self._requests(), timeout=max(timeout_s, 0.001), wait_for_ready=False)
+        # no call deadline: the transfer lives while it progresses (TransferConfig)
+        self.call = method(self._requests(), wait_for_ready=False)
 
     def _requests(self) -> Iterator[bytes]:
         while True:
@@ -125,7 +127,6 @@ class KVSender:
         )
         now = time.monotonic()
         self._started = now
-        self._deadline = now + self.config.overall_deadline_s(self._open.total_bytes)
         self._seq = 0
         self._digest = wire.TransferDigest()
         self._unacked: deque[tuple[int, bytes]] = deque()
@@ -235,7 +236,7 @@ class KVSender:
 
     # ---- internals ----------------------------------------------------------------------------
     def _new_stream(self, frames: list[bytes]) -> _Stream:
-        stream = _Stream(self._channel, self._deadline - time.monotonic(), self.config.keepalive_s)
+        stream = _Stream(self._channel, self.config.keepalive_s)
         for f in frames:
             stream.frames.put(f)
         return stream
@@ -251,7 +252,8 @@ class KVSender:
             self._stream.frames.put(frame)
 
     def _wait(self, ready: Callable[[], bool], what: str, timeout_s: float | None = None) -> None:
-        """Block until ``ready()``; raise on error, idle deadline or overall deadline."""
+        """Block until ``ready()``; raise on error, or when nothing was acknowledged for the
+        idle timeout (``timeout_s`` overrides it)."""
         idle = self.config.idle_timeout_s if timeout_s is None else timeout_s
         with self._cond:
             while True:
@@ -260,14 +262,12 @@ class KVSender:
                 if ready():
                     return
                 now = time.monotonic()
-                if now > self._deadline:
-                    self._fail(Status.DEADLINE_EXCEEDED, f"overall deadline passed while {what}")
-                elif now > self._last_progress + idle:
+                if now > self._last_progress + idle:
                     self._fail(
                         Status.DEADLINE_EXCEEDED, f"no acknowledgement for {idle:g} s while {what}"
                     )
                 else:
-                    self._cond.wait(min(self._deadline, self._last_progress + idle) - now + 0.001)
+                    self._cond.wait(self._last_progress + idle - now + 0.001)
 
     def _fail(self, code: Status, message: str) -> None:
         """Record the first failure and drop the stream (caller holds the lock)."""

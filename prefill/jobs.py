@@ -6,6 +6,7 @@ plain values; no tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from common.sampling import SamplingParams, TokenLogprob
@@ -56,19 +57,41 @@ class PrefillResult:
 class PrefillConfig:
     """How one prefill instance schedules work.
 
-    ``token_budget``: prompt tokens computed per ``step()`` (a long prompt spans several steps;
-    several short prompts share one). ``enable_prefix_cache``: keep full KV pages of finished
-    prompts, keyed by chained block hashes, and reuse them for prompts that share the prefix.
-    Transfer deadlines and sizes are ``kvtransfer.TransferConfig``.
+    ``token_budget``: the cost of one ``step()`` in prompt tokens at an empty prefix (a long
+    prompt spans several steps; several short prompts share one). A chunk of ``t`` tokens at
+    prefix ``p`` costs ``t * (1 + (p + t) / attention_tokens)``: ``attention_tokens`` is the
+    context length at which a token's attention costs as much as the rest of its layer, so a
+    chunk deep in a 256K prompt is small and a step takes about as long at any depth (a short
+    prompt queued behind it waits one such step). Every chunk has at least
+    ``min_chunk_tokens``. ``enable_prefix_cache``: keep full KV pages of finished prompts, keyed
+    by chained block hashes, and reuse them for prompts that share the prefix. Transfer
+    deadlines and sizes are ``kvtransfer.TransferConfig``.
     """
 
     token_budget: int = 2048
+    attention_tokens: int = 8192
+    min_chunk_tokens: int = 64
     enable_prefix_cache: bool = True
     throughput_halflife_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.token_budget < 1:
-            raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
+        for name in ("token_budget", "attention_tokens", "min_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def chunk_cost(self, start: int, num_tokens: int) -> float:
+        """Cost of prefilling tokens [start, start + num_tokens), in budget units."""
+        return num_tokens * (1 + (start + num_tokens) / self.attention_tokens)
+
+    def chunk_tokens(self, start: int, budget: float) -> int:
+        """The most tokens a chunk at ``start`` may take within ``budget`` (at least
+        ``min_chunk_tokens``): the positive root of ``chunk_cost(start, t) = budget``."""
+        a = self.attention_tokens
+        b = 1 + start / a
+        t = int((math.sqrt(b * b + 4 * budget / a) - b) * a / 2)
+        if self.chunk_cost(start, t + 1) <= budget + 1e-3:  # rounding (costs are in tokens)
+            t += 1
+        return max(self.min_chunk_tokens, t)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ One request:
 2. A ``step()`` (the worker's loop thread) reaches it: pages are allocated, sharing the pages of
    the longest cached prefix; a KV sink opens to the job's decode receiver and the cached
    prefix's KV is sent first (decode needs the full KV).
-3. Steps compute the uncached suffix ``token_budget`` tokens at a time (a long prompt spans
-   steps; short prompts share one); after each layer of each chunk the new KV is sent at once.
+3. Steps compute the uncached suffix in chunks whose cost (tokens, plus their attention over
+   the prefix) fits one step's budget; jobs with the least left go first, so a long prompt
+   interleaves with short ones instead of blocking them; after each layer of each chunk the
+   new KV is sent at once.
 4. The last chunk's logits give the first token; the prompt's full blocks enter the prefix
    cache and the sequence's own page references are freed; the transfer drains on a closer
    thread (the step thread moves on to the next prompt) and the future resolves with a
@@ -53,6 +55,7 @@ class _Task:
     is_cancelled: bool = False
     is_released: bool = False  # sink closed or aborted, pages freed, future resolved
     block_hashes: list[int] = field(default_factory=list)  # of the prompt's full blocks
+    is_skipped: bool = False  # the last step's budget ran out before this job
     t_submit: float = field(default_factory=time.monotonic)
     t_start: float = 0.0  # pages allocated, first chunk next
     t_computed: float = 0.0  # last chunk computed (first token sampled)
@@ -206,30 +209,52 @@ class PrefillStage:
 
     # ---- the loop (one thread) --------------------------------------------------------------
     def step(self) -> bool:
-        """Compute up to ``token_budget`` prompt tokens, oldest job first. True if any work."""
-        budget = self.config.token_budget
-        did_work = False
+        """Spend one step's cost budget (``PrefillConfig.chunk_cost``) on the queued jobs in
+        ``_order``. True if any work.
+
+        A long prompt takes a chunk per step, sized so that its attention over the cached
+        prefix fits the budget; the jobs with the least left to compute go first, so a short
+        prompt that arrives while a 256K one is being prefilled waits at most one step; a job
+        the budget skipped goes first in the next step, so none starves.
+        """
+        budget = float(self.config.token_budget)
+        num_tokens = 0
         t0 = time.perf_counter()
-        while budget > 0:
-            task = self._next_task()
-            if task is None:
+        order = self._order()
+        for i, task in enumerate(order):
+            if budget <= 0:
+                for skipped in order[i:]:
+                    skipped.is_skipped = True
                 break
+            if not self._claim(task):
+                continue
             try:
                 if not task.is_started and not self._start(task):
-                    break  # no pages yet: the oldest job waits, and so does everyone behind it
-                budget -= self._advance(task, budget)
-                did_work = True
+                    break  # no pages yet: this job waits, and so does everyone after it
+                n, cost = self._advance(task, budget)
+                num_tokens += n
+                budget -= cost
+                task.is_skipped = False
             finally:
                 self._settle(task)
-        if did_work:
-            self._throughput.add(self.config.token_budget - budget, time.perf_counter() - t0)
-        return did_work
+        if num_tokens:
+            self._throughput.add(num_tokens, time.perf_counter() - t0)
+        return num_tokens > 0
 
-    def _next_task(self) -> _Task | None:
+    def _order(self) -> list[_Task]:
+        """Queued jobs in service order: skipped last step first, then least left to compute
+        (an unstarted job counts its whole prompt), then arrival."""
         with self._lock:
-            task = self._queue[0] if self._queue else None
+            tasks = list(self._queue)
+        return sorted(tasks, key=lambda t: (not t.is_skipped, t.num_prompt - t.num_computed))
+
+    def _claim(self, task: _Task) -> bool:
+        """Mark ``task`` as the one inside an engine call; False if it left the queue."""
+        with self._lock:
+            if task not in self._queue or task.is_cancelled:
+                return False
             self._running = task
-            return task
+            return True
 
     def _settle(self, task: _Task) -> None:
         """After the step thread let go of a task: finish it if it was cancelled meanwhile."""
@@ -266,19 +291,19 @@ class PrefillStage:
                     job.request_id, job.request_id, job.kv_address, task.num_prompt, job.kv_format
                 )
             if task.sink is not None and num_cached > 0:
-                for layer in range(self.cache.num_layers):
-                    task.sink.send_layer(layer, 0, num_cached)
+                task.sink.send_prefix(num_cached)  # in bounded pieces, layer by layer
         except Exception as e:  # a transfer failure is an answer, not a crash
             self._finish(task, error=f"KV transfer to {job.kv_address} failed: {e}")
         return True
 
-    def _advance(self, task: _Task, budget: int) -> int:
-        """Compute the next chunk of a started task (at most ``budget`` tokens)."""
+    def _advance(self, task: _Task, budget: float) -> tuple[int, float]:
+        """Compute the next chunk of a started task, as many tokens as ``budget`` pays for at
+        its prefix (at least ``PrefillConfig.min_chunk_tokens``); (tokens, cost)."""
         if task.future.done():  # failed in _start
-            return 0
+            return 0, 0.0
         job = task.job
         start = task.num_computed
-        end = min(task.num_prompt, start + budget)
+        end = min(task.num_prompt, start + self.config.chunk_tokens(start, budget))
 
         def on_layer(layer: int, lo: int, hi: int) -> None:
             if task.is_cancelled:
@@ -299,7 +324,7 @@ class PrefillStage:
             self._finish(task, error=f"KV transfer to {job.kv_address} failed: {e}")
         except Exception as e:
             self._finish(task, error=f"prefill failed: {type(e).__name__}: {e}")
-        return end - start
+        return end - start, self.config.chunk_cost(start, end - start)
 
     def _complete(self, task: _Task, logits: torch.Tensor) -> None:
         """Cache the prompt's blocks (valid even if the transfer fails: a re-routed request may

@@ -57,7 +57,9 @@ def pair(prefill_engine, decode_engine):
         wire_fingerprints=accepted_fingerprints(decode_engine.config, ["fp8"]),
     )
     receiver.start()
-    prefill = PrefillStage(prefill_engine, PrefillConfig(token_budget=40))
+    # plain token budgets: a chunk's attention is free here (attention_tokens), no chunk floor
+    config = PrefillConfig(token_budget=40, attention_tokens=10**9, min_chunk_tokens=1)
+    prefill = PrefillStage(prefill_engine, config)
     decode = DecodeStage(decode_engine, DecodeConfig(), receiver)
     decode_free = decode_engine.cache.allocator.num_free_pages
     prefill_free = prefill_engine.cache.allocator.num_free_pages
@@ -206,8 +208,8 @@ def test_prefill_cancel_frees_pages(pair, prefill_engine):
     prefill, _, _ = pair
     prompts = make_prompts(prefill_engine.config.vocab_size, [100, 10], seed=27)
     running = prefill.submit(PrefillJob("run", prompts[0]))
-    queued = prefill.submit(PrefillJob("queued", prompts[1]))
     prefill.step()  # "run" holds pages, 40 of 100 tokens done
+    queued = prefill.submit(PrefillJob("queued", prompts[1]))
     assert prefill.stats().num_queued_tokens == 60 + 10
     prefill.cancel("queued")
     prefill.cancel("run")
