@@ -5,7 +5,7 @@
 ``make-model`` never pays for Ray); ``tidal plan ...`` sizes weights and KV per rank for a layout
 (``cluster.memory_plan``, no torch or Ray) and exits 2 when the layout cannot fit;
 ``tidal pools show|set|move|planner`` talks to a running tidal's admin API
-(``cluster.pools_cli``).
+(``cluster.pools_cli``); ``tidal eplb rebalance`` runs one EPLB round (``cluster.eplb_cli``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from cluster.eplb_cli import add_eplb_parser
 from cluster.pools_cli import add_pools_parser
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_sim(sub)
     add_pools_parser(sub)
+    add_eplb_parser(sub)
     return parser
 
 

@@ -118,6 +118,7 @@ class ClusterConfig:
     redundant_experts: int = 0  # EPLB: extra expert slots per rank per MoE layer
     eplb_interval_s: float = 0.0  # EPLB: rebalance this often (0: only on request)
     eplb_max_moved_fraction: float = 0.2  # EPLB: share of a layer's slots one rebalance may move
+    eplb_window_s: float = 0.0  # EPLB: expert loads over this many seconds (0: since the last round)
     planner: PoolPolicyConfig = PoolPolicyConfig()  # auto or manual, cooldown, hysteresis...
     planner_window_s: float = 10.0  # the planner measures traffic over windows this long
     # sha256 hex of the admin bearer token (the token itself never enters the config); None:

@@ -208,6 +208,14 @@ class PoolMetrics:
         self.moved_slots = Counter("tidal_eplb_moved_slots_total", "expert slots re-pointed")
         self.moved_bytes = Counter("tidal_eplb_bytes_read_total", "expert weight bytes staged")
         self.rebalance_s = Gauge("tidal_eplb_rebalance_seconds", "duration of the last round")
+        self.rebalance_longest_step = Gauge(
+            "tidal_eplb_rebalance_longest_step_seconds",
+            "the longest rank step while the last round staged and swapped its placement",
+        )
+        self.rebalance_step_ratio = Gauge(
+            "tidal_eplb_rebalance_step_ratio",
+            "the last round's longest step over the median step before it (1: no stall)",
+        )
 
     def rebalanced(self, result: Any) -> None:
         """One EPLB round (``cluster.rebalance.RebalanceResult``)."""
@@ -219,6 +227,9 @@ class PoolMetrics:
             self.moved_slots.inc(float(result.num_moved_slots))
             self.moved_bytes.inc(float(result.bytes_read))
             self.rebalance_s.set(result.seconds)
+            self.rebalance_longest_step.set(result.longest_step_s)
+            if result.step_ratio is not None:
+                self.rebalance_step_ratio.set(result.step_ratio)
 
     def instance_died(self, role: str) -> None:
         self.deaths.inc(1.0, {"role": role})

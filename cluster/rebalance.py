@@ -14,12 +14,55 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from scheduler.eplb import balancedness, moved_slots, rebalance
+
+
+class LoadWindow:
+    """A rank's tokens per (MoE layer, logical expert) over the last ``window_s`` seconds of
+    serving (0: since the last ``take``). ``read()`` returns the engine's running totals
+    (layer -> tensor [experts]); the report loop calls ``snapshot`` every report interval and
+    keeps at most about 16 snapshots per window; ``reset`` starts over (a new role)."""
+
+    def __init__(
+        self, read: Callable[[], dict[int, Any]], window_s: float, clock=time.monotonic
+    ) -> None:
+        self._read, self._window_s, self._clock = read, window_s, clock
+        self._every_s = window_s / 16
+        self._snapshots: deque[tuple[float, dict[int, Any]]] = deque()
+        self.reset()
+
+    def reset(self) -> None:
+        self._snapshots.clear()
+        self._snapshots.append((self._clock(), self._copy()))
+
+    def snapshot(self) -> None:
+        if not self._window_s:
+            return
+        now = self._clock()
+        if now - self._snapshots[-1][0] < self._every_s:
+            return
+        self._snapshots.append((now, self._copy()))
+        while len(self._snapshots) > 1 and self._snapshots[1][0] <= now - self._window_s:
+            self._snapshots.popleft()  # keep the newest snapshot at or before the window start
+
+    def take(self) -> dict[int, list[int]]:
+        now = self._copy()
+        base = self._snapshots[0][1]
+        window = {i: (c - base[i]).tolist() for i, c in now.items()}
+        if not self._window_s:
+            self._snapshots.clear()
+            self._snapshots.append((self._clock(), now))
+        return window
+
+    def _copy(self) -> dict[int, Any]:
+        return {i: c.clone() for i, c in self._read().items()}
 
 
 @dataclass
@@ -33,6 +76,10 @@ class RebalanceResult:
     seconds: float = 0.0
     balancedness_before: list[float] = field(default_factory=list)  # per MoE layer, on the window
     balancedness_after: list[float] = field(default_factory=list)
+    num_steps: int = 0  # steps of the busiest rank from staging to the last swap
+    longest_step_s: float = 0.0  # the longest of them over the ranks
+    median_step_s: float | None = None  # the median rank step before the round
+    step_ratio: float | None = None  # longest_step_s / median_step_s
     error: str | None = None
 
 
@@ -76,6 +123,7 @@ async def rebalance_instance(
         await asyncio.gather(
             *(r.abort_placement.remote(version) for r in ranks), return_exceptions=True
         )
+        await asyncio.gather(*(r.rebalance_steps.remote() for r in ranks), return_exceptions=True)
         result.error = f"{type(e).__name__}: {e}"
         result.balancedness_after = result.balancedness_before
         result.num_moved_slots = 0
@@ -88,4 +136,11 @@ async def rebalance_instance(
             break
         await asyncio.sleep(0.05)
     result.seconds = time.monotonic() - start
+    steps = await asyncio.gather(*(r.rebalance_steps.remote() for r in ranks))
+    result.num_steps = max(s["num_steps"] for s in steps)
+    result.longest_step_s = max(s["longest_s"] for s in steps)
+    medians = [s["median_before_s"] for s in steps if s["median_before_s"] is not None]
+    result.median_step_s = max(medians) if medians else None  # a step lasts its slowest rank's
+    if result.median_step_s and result.longest_step_s:
+        result.step_ratio = result.longest_step_s / result.median_step_s
     return result

@@ -106,12 +106,21 @@ class ServeSettings(BaseModel):
     eplb_max_moved_fraction: float = Field(
         0.2, gt=0, le=1, description="largest share of a layer's slots one rebalance may move"
     )
+    eplb_window_s: float = Field(
+        0.0, ge=0, description="plan from this many seconds of expert loads; 0: since last round"
+    )
     # ---- scheduling and stages
     ttft_slo_s: float = Field(2.0, gt=0)
     max_queue_len: int = Field(256, ge=0)
     decode_local_threshold: int = Field(256, ge=0, description="shorter prompts prefill on decode")
     max_batch_size: int = Field(64, ge=1)
     prefill_token_budget: int = Field(2048, ge=1, description="prompt tokens per prefill step")
+    prefill_attention_tokens: int = Field(
+        8192,
+        ge=1,
+        description="prefill step cost model: the context at which a token's attention costs "
+        "as much as the rest of its layer (deeper chunks of a long prompt get fewer tokens)",
+    )
     mixed_token_budget: int = Field(512, ge=1, description="prompt tokens per mixed step")
     max_unread_tokens: int = Field(256, ge=1)
     prefix_cache: bool = True
@@ -304,7 +313,9 @@ class ServeSettings(BaseModel):
             pools=pools,
             scheduler=scheduler,
             prefill_stage=PrefillConfig(
-                token_budget=self.prefill_token_budget, enable_prefix_cache=self.prefix_cache
+                token_budget=self.prefill_token_budget,
+                attention_tokens=self.prefill_attention_tokens,
+                enable_prefix_cache=self.prefix_cache,
             ),
             decode_stage=DecodeConfig(**stage, prefill_token_budget=self.mixed_token_budget),
             mixed_stage=DecodeConfig(
@@ -326,6 +337,7 @@ class ServeSettings(BaseModel):
             redundant_experts=self.redundant_experts,
             eplb_interval_s=self.eplb_interval_s,
             eplb_max_moved_fraction=self.eplb_max_moved_fraction,
+            eplb_window_s=self.eplb_window_s,
             planner=PoolPolicyConfig(
                 is_auto=self.planner == "auto",
                 cooldown_s=self.planner_cooldown_s,

@@ -32,6 +32,8 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.messages import WorkerError, WorkerInfo, WorkerStats, unit_id
 from cluster.metrics import WorkerMetrics
+from cluster.rebalance import LoadWindow
+from common.meter import StepWindow
 from common.stage import Stage
 from decode.jobs import DecodeJob, TokenBatch
 from prefill.jobs import PrefillJob, PrefillResult
@@ -71,7 +73,8 @@ class RankWorker:
         self._metrics = WorkerMetrics(self.unit_id)
         self._role = Role(role)
         self._closed = threading.Event()
-        self._last_counts: dict[int, list[int]] = {}  # expert counts at the last expert_load
+        self._load_window: LoadWindow | None = None  # EPLB: expert loads, from launch()
+        self._steps = StepWindow()  # step durations, and those while a placement is swapped in
         self._stage: Stage | None = None  # from launch()
         self._loop_thread: threading.Thread | None = None
         self._busy_s = 0.0  # seconds in steps that did work (the step loop's utilisation)
@@ -123,6 +126,7 @@ class RankWorker:
             ep=ep,
             **kwargs,
         )
+        self._load_window = LoadWindow(lambda: self.engine.expert_counts, self.config.eplb_window_s)
         self._stage = self._make_stage(self._role)
         self._loop_stop = threading.Event()
         self._loop_thread = self._start_loop()
@@ -181,6 +185,7 @@ class RankWorker:
                 self._role, self._stage = new_role, stage
                 self._is_draining = False
             self._loop_thread = self._start_loop()
+            self._load_window.reset()  # each pool routes differently: its own window
         log.info("%s: now %s", self.unit_id, new_role.value)
         return self.ready()
 
@@ -271,21 +276,23 @@ class RankWorker:
 
     # ---- EPLB (pool manager) ----------------------------------------------------------------
     def expert_load(self) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """Tokens this rank routed to each logical expert per MoE layer since the last call,
-        and the placement it serves (MoE layer -> slot -> logical expert)."""
-        counts = {i: c.tolist() for i, c in self.engine.expert_counts.items()}
-        last, self._last_counts = self._last_counts, counts
-        window = {
-            i: [n - m for n, m in zip(c, last.get(i, [0] * len(c)), strict=True)]
-            for i, c in counts.items()
-        }
-        return window, self.engine.placement
+        """Tokens this rank routed to each logical expert per MoE layer over the EPLB window
+        (``eplb_window_s`` in its current role; 0: since the last call), and the placement it
+        serves (MoE layer -> slot -> logical expert)."""
+        return self._load_window.take(), self.engine.placement
 
     @ray.method(concurrency_group=BLOCKING)
     def stage_placement(self, version: int, placement: dict[int, list[int]]) -> int:
         """Read the new slots' weights (on an actor thread, never the step thread); the swap
-        follows at the ranks' common ticks. Bytes read from the checkpoint; raises on failure."""
+        follows at the ranks' common ticks. Bytes read from the checkpoint; raises on failure.
+        The steps from here to ``rebalance_steps`` are the rebalance's."""
+        self._steps.open()
         return self.engine.stage_placement(version, placement)
+
+    def rebalance_steps(self) -> dict[str, Any]:
+        """The steps since ``stage_placement``: how many, the longest, and the median step
+        before it (``common.meter.StepWindowStats`` as a dict)."""
+        return asdict(self._steps.close())
 
     def abort_placement(self, version: int) -> bool:
         return self.engine.abort_placement(version)
@@ -374,7 +381,9 @@ class RankWorker:
                 did_work = False
                 time.sleep(0.05)
             if did_work:  # an idle tick counts: the rank waits on its busy peers' collectives
-                self._busy_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                self._busy_s += dt
+                self._steps.add(dt)
             if not did_work:
                 stage.wait_for_work(idle_wait_s)
 
@@ -386,6 +395,8 @@ class RankWorker:
                 log.exception("%s: report failed", self.unit_id)
 
     def _report(self) -> None:
+        if self._load_window is not None:
+            self._load_window.snapshot()
         stats = self.stats()
         self._metrics.update(stats)
         if not self._is_reporting or stats.is_draining:

@@ -1,6 +1,11 @@
-"""Decayed rate and latency estimates for the stats the scheduler routes by."""
+"""Decayed rate and latency estimates for the stats the scheduler routes by, and the step
+durations around a rebalance."""
 
 from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from statistics import median
 
 
 class RateMeter:
@@ -32,3 +37,37 @@ class MeanMeter:
 
     def add(self, x: float) -> None:
         self.value = x if self.value is None else self.value + self._weight * (x - self.value)
+
+
+class StepWindow:
+    """Step durations around an event that must not stall the loop (an EPLB rebalance): the
+    recent steps before it, as the reference, and the steps while it lasts. ``add`` runs on the
+    step thread; ``open``/``close`` on another (appends are atomic under the GIL)."""
+
+    def __init__(self, num_recent: int = 256) -> None:
+        self._recent: deque[float] = deque(maxlen=num_recent)
+        self._during: list[float] | None = None
+
+    def add(self, seconds: float) -> None:
+        during = self._during
+        (during if during is not None else self._recent).append(seconds)
+
+    def open(self) -> None:
+        self._during = []
+
+    def close(self) -> StepWindowStats:
+        """End the event: its steps against the median of the steps before it."""
+        during, self._during = self._during or [], None
+        recent = list(self._recent)
+        return StepWindowStats(
+            num_steps=len(during),
+            longest_s=max(during, default=0.0),
+            median_before_s=median(recent) if recent else None,
+        )
+
+
+@dataclass(frozen=True)
+class StepWindowStats:
+    num_steps: int  # steps while the event lasted
+    longest_s: float  # the longest of them (0.0 if none)
+    median_before_s: float | None  # median of the recent steps before it (None: no steps yet)

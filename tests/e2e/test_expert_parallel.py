@@ -13,6 +13,7 @@ import httpx
 import pytest
 import ray
 
+from cluster.cli import main as cli_main
 from tests.e2e.conftest import (
     ADMIN,
     assert_idle_pages,
@@ -62,18 +63,37 @@ class TestDisaggregatedEP2:
         assert sum(n > 0 for n in work.values()) >= 3, work  # requests landed on several ranks
         assert_idle_pages(url)
 
-    def test_rebalance_moves_experts_live_and_tokens_stay(self, url, greedy_cases):
+    def test_rebalance_moves_experts_live_and_tokens_stay(self, url, greedy_cases, capsys):
         skewed = [(p, e) for p, e in greedy_cases[:2]] * 3  # the same prompts: hot experts
         assert http_complete_all(url, skewed) == [e for _, e in skewed]
-        r = httpx.post(f"{url}/admin/eplb/rebalance", json={}, headers=ADMIN, timeout=300)
+        done, served = threading.Event(), []
+
+        def traffic() -> None:  # requests in flight while the placement is staged and swapped
+            while not done.is_set():
+                served.append(http_complete_all(url, greedy_cases) == [e for _, e in greedy_cases])
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            r = httpx.post(f"{url}/admin/eplb/rebalance", json={}, headers=ADMIN, timeout=300)
+        finally:
+            done.set()
+            thread.join()
         assert r.status_code == 200, r.text
+        assert served and all(served), served  # every request during the round: offline tokens
         rounds = r.json()["rebalances"]
         assert len(rounds) == 2 and all(x["error"] is None for x in rounds), rounds
         assert sum(x["num_moved_slots"] for x in rounds) > 0, rounds
+        stepped = [x for x in rounds if x["num_steps"]]  # the rounds' steps were measured
+        assert stepped and all(x["longest_step_s"] > 0 for x in stepped), rounds
         for x in rounds:  # the planner's answer is at least as balanced on the window it saw
             assert min(x["balancedness_after"]) >= min(x["balancedness_before"]) - 1e-9
         outs = http_complete_all(url, greedy_cases)  # served by the new placement
         assert outs == [e for _, e in greedy_cases]
+        prefill_id = _serving(url, "prefill")[0]["instance_id"]  # the same round from the CLI
+        assert cli_main(["eplb", "rebalance", "--url", url, "--instance", prefill_id]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"{prefill_id}: moved ") and "balancedness" in printed, printed
         bad = httpx.post(
             f"{url}/admin/eplb/rebalance", json={"instance": "nope"}, headers=ADMIN, timeout=30
         )
@@ -81,7 +101,11 @@ class TestDisaggregatedEP2:
         wait_for(  # Ray exports metrics every few seconds
             lambda: all(
                 name in httpx.get(f"{url}/metrics", timeout=30).text
-                for name in ("tidal_eplb_rebalances_total", "tidal_eplb_balancedness")
+                for name in (
+                    "tidal_eplb_rebalances_total",
+                    "tidal_eplb_balancedness",
+                    "tidal_eplb_rebalance_longest_step_seconds",
+                )
             ),
             timeout_s=60,
             interval_s=1.0,
