@@ -5,8 +5,8 @@
 2. ``scheduler.eplb.rebalance`` plans the next placement from that window, moving at most
    ``eplb_max_moved_fraction`` of each layer's slots.
 3. Every rank stages the weights of its changed slots on an actor thread (from its own
-   checkpoint files), then the ranks swap the layers in one per lockstep tick: serving never
-   stops. A rank that fails to stage makes every rank drop the new placement: the old one keeps
+   checkpoint files; from the peer ranks holding the experts when a file is not on its host),
+   then the ranks swap the layers in one per lockstep tick: serving never stops. A rank that fails to stage makes every rank drop the new placement: the old one keeps
    serving.
 """
 
@@ -117,7 +117,8 @@ async def rebalance_instance(
     # Step 3: stage everywhere, then wait for the swap at the common ticks
     try:
         read = await asyncio.wait_for(
-            asyncio.gather(*(r.stage_placement.remote(version, new) for r in ranks)), timeout_s
+            asyncio.gather(*(r.stage_placement.remote(version, new, ranks) for r in ranks)),
+            timeout_s,
         )
     except Exception as e:  # noqa: BLE001 - any failure keeps the old placement serving
         await asyncio.gather(

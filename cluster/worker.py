@@ -282,12 +282,42 @@ class RankWorker:
         return self._load_window.take(), self.engine.placement
 
     @ray.method(concurrency_group=BLOCKING)
-    def stage_placement(self, version: int, placement: dict[int, list[int]]) -> int:
-        """Read the new slots' weights (on an actor thread, never the step thread); the swap
-        follows at the ranks' common ticks. Bytes read from the checkpoint; raises on failure.
-        The steps from here to ``rebalance_steps`` are the rebalance's."""
+    def stage_placement(
+        self, version: int, placement: dict[int, list[int]], peers: list[Any] | None = None
+    ) -> int:
+        """Read the new slots' weights (on an actor thread, never the step thread) from this
+        host's checkpoint, or, for a layer whose file is not here, from the ``peers`` (the
+        instance's rank actors, by rank) that hold the experts; the swap follows at the ranks'
+        common ticks. Bytes staged; raises on failure. The steps from here to
+        ``rebalance_steps`` are the rebalance's."""
         self._steps.open()
-        return self.engine.stage_placement(version, placement)
+        fetch = self._peer_fetch(peers) if peers else None
+        return self.engine.stage_placement(version, placement, fetch)
+
+    def expert_weights(self, layer: int, expert_ids: list[int]) -> dict[str, Any]:
+        """Weights of experts this rank holds (for a peer staging without the file)."""
+        return self.engine.expert_weights(layer, expert_ids)
+
+    def _peer_fetch(self, peers: list[Any]):
+        def fetch(layer: int, expert_ids: list[int]) -> dict[str, Any]:
+            placement = self.engine.placement[layer]  # what every rank serves now
+            per_rank = len(placement) // self.num_ranks
+            holders: dict[int, list[int]] = {}
+            for e in expert_ids:
+                rank = next(
+                    s // per_rank
+                    for s, x in enumerate(placement)
+                    if x == e and s // per_rank != self.rank
+                )  # each expert has a replica; one elsewhere, since this rank does not hold it
+                holders.setdefault(rank, []).append(e)
+            state: dict[str, Any] = {}
+            for part in ray.get(
+                [peers[r].expert_weights.remote(layer, es) for r, es in holders.items()]
+            ):
+                state.update(part)
+            return state
+
+        return fetch
 
     def rebalance_steps(self) -> dict[str, Any]:
         """The steps since ``stage_placement``: how many, the longest, and the median step

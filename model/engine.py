@@ -23,7 +23,14 @@ from model.parallel import ExpertParallel
 from model.sampling import SamplingParams, sample_token
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
-from model.weights import Weight, WeightFormat, load_weights, resident_bytes
+from model.weights import (
+    Fp8Weight,
+    Weight,
+    WeightFormat,
+    WeightsError,
+    load_weights,
+    resident_bytes,
+)
 
 DEFAULT_MAX_NUM_TOKENS = 32768
 
@@ -55,6 +62,7 @@ class Engine:
         self.ep = ep
         self._source: tuple[Path, str] | None = None  # checkpoint and weight format (reshard)
         self._staged: _StagedPlacement | None = None  # a new expert placement being swapped in
+        self.num_peer_bytes = 0  # expert weight bytes staged from peer ranks, ever
         self._offline_ids = itertools.count()
 
     @classmethod
@@ -268,11 +276,18 @@ class Engine:
     def is_resharding(self) -> bool:
         return self._staged is not None
 
-    def stage_placement(self, version: int, placement: dict[int, list[int]]) -> int:
+    def stage_placement(
+        self,
+        version: int,
+        placement: dict[int, list[int]],
+        fetch: Callable[[int, list[int]], dict[str, Weight]] | None = None,
+    ) -> int:
         """Off the step thread: read the weights of every MoE layer's new slots (experts already
         held are copied, others read from this rank's checkpoint) and publish them for the
-        swap. ``version`` (> 0) must be the same on every rank. Raises on failure, leaving the
-        served placement untouched. Returns the bytes read from the checkpoint."""
+        swap. ``version`` (> 0) must be the same on every rank. When this rank's checkpoint
+        cannot give a layer's experts (its files are not on this host), ``fetch(layer,
+        expert_ids)`` gets them from the peer ranks holding them (``expert_weights`` there).
+        Raises on failure, leaving the served placement untouched. Returns the bytes read."""
         assert self.ep is not None and self._source is not None, "placement needs an EP engine"
         if self._staged is not None:
             raise RuntimeError(f"placement {self._staged.version} is still being swapped in")
@@ -288,15 +303,22 @@ class Engine:
                 nonlocal num_read
                 if not expert_ids:
                     return {}
-                state = load_weights(
-                    path,
-                    self.config,
-                    weight_format=weight_format,
-                    dtype=self.dtype,
-                    device=self.device,
-                    expert_ids=expert_ids,
-                    prefix=f"model.layers.{layer}.mlp.experts.",
-                )
+                try:
+                    state = load_weights(
+                        path,
+                        self.config,
+                        weight_format=weight_format,
+                        dtype=self.dtype,
+                        device=self.device,
+                        expert_ids=expert_ids,
+                        prefix=f"model.layers.{layer}.mlp.experts.",
+                    )
+                except WeightsError:
+                    if fetch is None:
+                        raise
+                    fetched = fetch(layer, expert_ids)  # from the peers: the file is not here
+                    state = {k: _copied(w, self.device) for k, w in fetched.items()}
+                    self.num_peer_bytes += resident_bytes(state.values())
                 num_read += resident_bytes(state.values())
                 return state
 
@@ -310,6 +332,21 @@ class Engine:
         )
         self._staged = _StagedPlacement(version, layers)  # one assignment: seen whole or not
         return num_read
+
+    def expert_weights(self, layer: int, expert_ids: list[int]) -> dict[str, Weight]:
+        """The weights of experts this rank holds in MoE layer ``layer``, for a peer staging a
+        placement without the checkpoint file: ``<prefix>.experts.<e>.gate_up`` / ``.down``
+        (fused, as served; CPU). ``KeyError`` naming an expert this rank does not hold."""
+        moe = self.model.moe_layers[layer]
+        held = {e: i for i, e in enumerate(moe.expert_ids)}
+        out: dict[str, Weight] = {}
+        for e in expert_ids:
+            if e not in held:
+                raise KeyError(f"layer {layer}: expert {e} is not held by this rank")
+            q = f"{moe.prefix}.experts.{e}"
+            out[f"{q}.gate_up"] = _copied(moe.gate_up[held[e]], "cpu")
+            out[f"{q}.down"] = _copied(moe.down[held[e]], "cpu")
+        return out
 
     def abort_placement(self, version: int) -> bool:
         """Drop a staged placement none of whose layers is swapped in; True if dropped."""
@@ -398,6 +435,14 @@ class _LayerCalls:
             self._on_layer(layer, start, end)
         except Exception as e:
             self.error = e
+
+
+def _copied(w: Weight, device: str | torch.device) -> Weight:
+    """A standalone copy of one weight on ``device`` (a slice of a stack would pickle the whole
+    stack)."""
+    if isinstance(w, Fp8Weight):
+        return Fp8Weight(w.q.to(device, copy=True), w.scale_inv.to(device, copy=True), w.block)
+    return w.to(device, copy=True)
 
 
 def _at_low_priority(fn: Callable[[], object]) -> object:

@@ -113,6 +113,40 @@ class TestDisaggregatedEP2:
         )
         assert_idle_pages(url)
 
+    def test_a_rank_without_the_checkpoint_file_stages_from_its_peers(self, url, greedy_cases):
+        """Both decode ranks lose their checkpoint path; a placement that swaps the ranks'
+        slots is staged through the workers anyway (each expert comes from the peer holding
+        it) and swapped in under traffic: greedy tokens stay the offline ones."""
+        inst = _serving(url, "decode")[0]["instance_id"]
+        handles = pool_handle(APP).handles.remote().result()
+        ranks = [handles[f"{inst}.r{r}"] for r in range(2)]
+
+        def lose_the_file(worker, path):
+            source, worker.engine._source = worker.engine._source, (path, worker.engine._source[1])
+            return source, worker.engine.placement, worker.engine.num_peer_bytes
+
+        answers = ray.get([r.__ray_call__.remote(lose_the_file, "/nonexistent") for r in ranks])
+        source, before, peer_bytes_before = answers[0]
+        try:
+            per_rank = len(next(iter(before.values()))) // 2
+            swapped = {i: p[per_rank:] + p[:per_rank] for i, p in before.items()}
+            staged = ray.get([r.stage_placement.remote(10_000, swapped, ranks) for r in ranks])
+            assert all(n > 0 for n in staged), staged
+            outs = http_complete_all(url, greedy_cases)  # the swap happens at these ticks
+            assert outs == [e for _, e in greedy_cases]
+            wait_for(
+                lambda: not any(ray.get([r.is_resharding.remote() for r in ranks])),
+                what="the swap",
+            )
+            ray.get([r.rebalance_steps.remote() for r in ranks])
+            after = ray.get([r.__ray_call__.remote(lose_the_file, source[0]) for r in ranks])
+            for (_, placement, peer_bytes), (_, _, was) in zip(after, answers, strict=True):
+                assert placement == swapped and peer_bytes > was  # every new expert from a peer
+        finally:
+            ray.get([r.__ray_call__.remote(lose_the_file, source[0]) for r in ranks])
+        assert http_complete_all(url, greedy_cases) == [e for _, e in greedy_cases]
+        assert_idle_pages(url)
+
     def test_grow_then_kill_a_decode_rank_mid_stream(self, url, reference_engine):
         r = httpx.post(f"{url}/admin/pools", json={"decode": 2}, headers=ADMIN, timeout=300)
         assert r.status_code == 200, r.text
