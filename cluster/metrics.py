@@ -166,8 +166,8 @@ class PoolMetrics:
         self.deaths = Counter("tidal_instance_deaths_total", "instances found dead", ("role",))
         self.changes = Counter(
             "tidal_pool_changes_total",
-            "pool membership changes (kind: grow, shrink, move, heal; source: admin, planner, "
-            "health)",
+            "pool membership changes (kind: grow, shrink, move, heal; source: pools for a "
+            "resize or a replacement, admin or planner for a move, health for a dead instance)",
             ("kind", "source"),
         )
         self.queue_len = Gauge("tidal_scheduler_queue_len", "requests waiting for decode pages")
