@@ -55,7 +55,7 @@ class _Task:
     is_cancelled: bool = False
     is_released: bool = False  # sink closed or aborted, pages freed, future resolved
     block_hashes: list[int] = field(default_factory=list)  # of the prompt's full blocks
-    is_skipped: bool = False  # the last step's budget ran out before this job
+    num_skipped: int = 0  # steps in a row whose budget ran out before this job
     t_submit: float = field(default_factory=time.monotonic)
     t_start: float = 0.0  # pages allocated, first chunk next
     t_computed: float = 0.0  # last chunk computed (first token sampled)
@@ -214,8 +214,8 @@ class PrefillStage:
 
         A long prompt takes a chunk per step, sized so that its attention over the cached
         prefix fits the budget; the jobs with the least left to compute go first, so a short
-        prompt that arrives while a 256K one is being prefilled waits at most one step; a job
-        the budget skipped goes first in the next step, so none starves.
+        prompt that arrives while a 256K one is being prefilled waits about one step; jobs the
+        budget skipped go first in the next step (longest skipped first), so none starves.
         """
         budget = float(self.config.token_budget)
         num_tokens = 0
@@ -224,7 +224,7 @@ class PrefillStage:
         for i, task in enumerate(order):
             if budget <= 0:
                 for skipped in order[i:]:
-                    skipped.is_skipped = True
+                    skipped.num_skipped += 1
                 break
             if not self._claim(task):
                 continue
@@ -234,7 +234,7 @@ class PrefillStage:
                 n, cost = self._advance(task, budget)
                 num_tokens += n
                 budget -= cost
-                task.is_skipped = False
+                task.num_skipped = 0
             finally:
                 self._settle(task)
         if num_tokens:
@@ -242,11 +242,11 @@ class PrefillStage:
         return num_tokens > 0
 
     def _order(self) -> list[_Task]:
-        """Queued jobs in service order: skipped last step first, then least left to compute
-        (an unstarted job counts its whole prompt), then arrival."""
+        """Queued jobs in service order: skipped by the most steps in a row first, then least
+        left to compute (an unstarted job counts its whole prompt), then arrival."""
         with self._lock:
             tasks = list(self._queue)
-        return sorted(tasks, key=lambda t: (not t.is_skipped, t.num_prompt - t.num_computed))
+        return sorted(tasks, key=lambda t: (-t.num_skipped, t.num_prompt - t.num_computed))
 
     def _claim(self, task: _Task) -> bool:
         """Mark ``task`` as the one inside an engine call; False if it left the queue."""
