@@ -71,12 +71,13 @@ class Outcome:
 class SimResult:
     outcomes: list[Outcome]
     token_gaps: list[tuple[float, int]]  # (inter-token gap s, tokens), every decode instance
-    busy_s: dict[str, float]  # instance id -> seconds busy
-    roles: dict[str, str]  # instance id -> role
+    busy_s: dict[str, float]  # role -> seconds its instances were busy
+    role_time_s: dict[str, float]  # role -> instance-seconds in that role
     makespan_s: float
     scheduler_hit_rate: float  # the scheduler's expected prefix hits / routed prompt tokens
     num_events: int
-    extra: dict[str, float] = field(default_factory=dict)
+    moves: list[dict[str, object]] = field(default_factory=list)  # role moves, in time order
+    planner_history: list[dict[str, object]] = field(default_factory=list)
 
 
 def scheduler_config_for(profile: CostProfile, **overrides: object) -> SchedulerConfig:
@@ -112,6 +113,10 @@ class SimCluster:
             f"m{i}": SimDecode(f"m{i}", self.loop, profile, bs, is_mixed=True)
             for i in range(config.num_mixed)
         }
+        self._retired: list[SimPrefill | SimDecode] = []  # incarnations before a role move
+        self._since: dict[str, float] = dict.fromkeys([*self.prefills, *self.decodes], 0.0)
+        self.role_time_s: dict[str, float] = {}  # role -> instance-seconds spent in it
+        self.moves: list[dict[str, object]] = []
         self._outcomes: list[Outcome] = []
         self._requests: dict[str, tuple[SimRequest, int]] = {}  # attempt id -> (request, n)
         self._num_open = 0
@@ -128,6 +133,51 @@ class SimCluster:
             self.loop.at(r.arrival_s + self.rpc_s, self._route, r, 1)
         self.loop.run(lambda: self._num_open == 0)
         return self._result()
+
+    def instance(self, iid: str) -> SimPrefill | SimDecode | None:
+        """The serving instance ``iid`` (None while it is moving)."""
+        return self.prefills.get(iid) or self.decodes.get(iid)
+
+    # ---- role moves (the pool manager's ``move``) -----------------------------------------------
+    def move(self, iid: str, role: Role) -> None:
+        """Out of the scheduler now, drain in-flight work, ``role_move_s``, back in as ``role``
+        (a fresh stage around the same weights: the prefix cache is gone)."""
+        old = self.prefills.pop(iid, None) or self.decodes.pop(iid)
+        old.is_draining = True
+        self.scheduler.remove_instance(iid)  # in-flight requests finish where they are
+        self._retire(iid, old)
+        self.moves.append({"time_s": round(self.loop.now, 3), "instance": iid, "to": role.value})
+        self._wait_idle(iid, old, role)
+
+    def _wait_idle(self, iid: str, old: SimPrefill | SimDecode, role: Role) -> None:
+        if old.is_idle():
+            self.loop.after(self.profile.cluster.role_move_s, self._rejoin, iid, role)
+        else:
+            self.loop.after(0.05, self._wait_idle, iid, old, role)
+
+    def _rejoin(self, iid: str, role: Role) -> None:
+        bs = self.config.scheduler.block_size
+        if role is Role.PREFILL:
+            self.prefills[iid] = SimPrefill(iid, self.loop, self.profile, bs)
+        else:
+            self.decodes[iid] = SimDecode(iid, self.loop, self.profile, bs)
+        self._since[iid] = self.loop.now
+        self.scheduler.add_instance(iid, role)
+        self._report(iid)
+
+    def _retire(self, iid: str, old: SimPrefill | SimDecode) -> None:
+        role = _role_of(old)
+        self.role_time_s[role] = self.role_time_s.get(role, 0.0) + self.loop.now - self._since[iid]
+        self._retired.append(old)
+
+    def num_generated(self) -> int:
+        """Tokens generated so far, on every decode instance, moved ones included."""
+        live = sum(d.num_generated for d in self.decodes.values())
+        return live + sum(i.num_generated for i in self._retired if isinstance(i, SimDecode))
+
+    def serving_since(self, iid: str) -> float:
+        """When ``iid`` last started serving (0 or its last role move)."""
+        return self._since[iid]
 
     def _start_instances(self) -> None:
         interval = self.profile.cluster.report_interval_s
@@ -149,11 +199,14 @@ class SimCluster:
         self.loop.after(self.profile.cluster.report_interval_s, self._report_forever, iid)
 
     def _report(self, iid: str) -> None:
-        """Snapshot now, delivered one call later (as the worker's ``.remote`` is)."""
+        """Snapshot now, delivered one call later (as the worker's ``.remote`` is); none while
+        the instance moves."""
         if iid in self.prefills:
             self.loop.after(self.rpc_s, self.scheduler.update_prefill, self.prefills[iid].state())
             return
-        d = self.decodes[iid]
+        d = self.decodes.get(iid)
+        if d is None:
+            return
         if d.is_mixed:
             self.loop.after(self.rpc_s, self.scheduler.update_prefill, d.prefill_state())
         self.loop.after(self.rpc_s, self._deliver_decode_report, d.decode_state())
@@ -187,27 +240,28 @@ class SimCluster:
             d.request_id, req.prompt_len, req.max_tokens, req.block_hashes,
             self._on_first_token, self._on_finished,
         )  # fmt: skip
-        decode = self.decodes[d.decode_instance_id]
-        if d.is_local_prefill:
+        # the objects serving now: an id that moves later names another stage
+        decode = self.decodes.get(d.decode_instance_id)
+        prefill = self.prefills.get(d.prefill_instance_id or "")
+        if decode is None or (prefill is None and not d.is_local_prefill):
+            self.loop.after(self.rpc_s, self._retry, d.request_id, "instance_moved")
+        elif d.is_local_prefill:
             self.loop.after(self.rpc_s, decode.start_local, seq)
-            return
-        assert d.prefill_instance_id is not None
-        self.loop.after(self.rpc_s, self._reserve, d, seq)
+        else:
+            self.loop.after(self.rpc_s, self._reserve, decode, prefill, seq)
 
-    def _reserve(self, d: RouteDecision, seq: SimSeq) -> None:
-        decode = self.decodes[d.decode_instance_id]
+    def _reserve(self, decode: SimDecode, prefill: SimPrefill, seq: SimSeq) -> None:
         if not decode.reserve(seq.request_id, seq.prompt_len + seq.max_tokens):
             self.loop.after(self.rpc_s, self._retry, seq.request_id, "reserve_failed")
             return
-        prefill = self.prefills[d.prefill_instance_id]  # type: ignore[index]
-        on_done = lambda s: self.loop.after(self.rpc_s, self._prefill_done, d, s)  # noqa: E731
+        on_done = lambda s: self.loop.after(self.rpc_s, self._prefill_done, decode, s)  # noqa: E731
         self.loop.after(2 * self.rpc_s, prefill.submit, seq, on_done)
 
-    def _prefill_done(self, d: RouteDecision, seq: SimSeq) -> None:
+    def _prefill_done(self, decode: SimDecode, seq: SimSeq) -> None:
         req, _ = self._requests[seq.request_id]
         self._outcomes[req.index].num_cached_tokens = seq.num_cached
         self.loop.after(self.rpc_s, self.scheduler.on_prefill_done, seq.request_id)
-        self.loop.after(self.rpc_s, self.decodes[d.decode_instance_id].start, seq)
+        self.loop.after(self.rpc_s, decode.start, seq)
 
     def _retry(self, sid: str, reason: str) -> None:
         req, attempt = self._requests.pop(sid)
@@ -259,16 +313,24 @@ class SimCluster:
         outcomes = self._outcomes
         first = min((o.arrival_s for o in outcomes), default=0.0)
         last = max((o.finish_s or o.arrival_s for o in outcomes), default=0.0)
-        busy = {i: p.busy_s for i, p in self.prefills.items()}
-        busy |= {i: d.busy_s for i, d in self.decodes.items()}
-        roles = {i: "prefill" for i in self.prefills}
-        roles |= {i: "mixed" if d.is_mixed else "decode" for i, d in self.decodes.items()}
+        for iid, inst in [*self.prefills.items(), *self.decodes.items()]:
+            self._retire(iid, inst)
+        busy: dict[str, float] = {}
+        for inst in self._retired:
+            role = _role_of(inst)
+            busy[role] = busy.get(role, 0.0) + inst.busy_s
+        decodes = [i for i in self._retired if isinstance(i, SimDecode)]
         return SimResult(
             outcomes=outcomes,
-            token_gaps=[g for d in self.decodes.values() for g in d.token_gaps],
+            token_gaps=[g for d in decodes for g in d.token_gaps],
             busy_s=busy,
-            roles=roles,
+            role_time_s=dict(self.role_time_s),
             makespan_s=max(last - first, 1e-9),
             scheduler_hit_rate=self.scheduler.stats().prefix_hit_rate,
             num_events=self.loop.num_events,
+            moves=self.moves,
         )
+
+
+def _role_of(inst: SimPrefill | SimDecode) -> str:
+    return "prefill" if isinstance(inst, SimPrefill) else "mixed" if inst.is_mixed else "decode"

@@ -98,8 +98,10 @@ class SimPrefill:
         self.cache = PrefixCacheModel(self.cost.prefix_cache_tokens, block_size)
         self._queue: deque[tuple[SimSeq, Callable[[SimSeq], None]]] = deque()
         self._is_stepping = False
+        self._num_sending = 0  # computed, KV still draining to decode
         self._throughput = RateMeter()
         self.busy_s = 0.0
+        self.is_draining = False  # moving to another role: out of the scheduler
 
     def submit(self, seq: SimSeq, on_done: Callable[[SimSeq], None]) -> None:
         """Queue a prompt; ``on_done(seq)`` runs once its KV is at the decode instance."""
@@ -111,6 +113,9 @@ class SimPrefill:
     def cancel(self, request_id: str) -> None:
         self._queue = deque(e for e in self._queue if e[0].request_id != request_id)
 
+    def is_idle(self) -> bool:
+        return not self._queue and not self._num_sending
+
     def state(self) -> PrefillInstanceState:
         queued = sum(
             s.prompt_len - (s.num_computed if s.is_started else self.cache.peek(s))
@@ -119,6 +124,14 @@ class SimPrefill:
         return PrefillInstanceState(
             self.instance_id, queued, self._throughput.rate, self.cache.hashes()
         )
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self._throughput.rate
+
+    @property
+    def load(self) -> int:
+        return sum(seq.prompt_len - seq.num_computed for seq, _ in self._queue)
 
     def _step(self) -> None:
         budget = self.cost.token_budget
@@ -149,11 +162,16 @@ class SimPrefill:
             self.cache.insert(seq)
             # KV streams per layer while computing: done when the last bytes land.
             sent_s = max(now, seq.prefill_start_s + self.transfer.seconds(seq.prompt_len))
-            self.loop.at(sent_s + self.transfer.latency_s, on_done, seq)
+            self._num_sending += 1
+            self.loop.at(sent_s + self.transfer.latency_s, self._sent, seq, on_done)
         if self._queue:
             self._step()
         else:
             self._is_stepping = False
+
+    def _sent(self, seq: SimSeq, on_done: Callable[[SimSeq], None]) -> None:
+        self._num_sending -= 1
+        on_done(seq)
 
 
 class SimDecode:
@@ -188,6 +206,8 @@ class SimDecode:
         self._step_time = MeanMeter()
         self._prefill_rate = RateMeter()
         self.busy_s = 0.0
+        self.num_generated = 0  # tokens, first tokens included
+        self.is_draining = False
         # Inter-token gaps: (gap seconds, number of tokens that waited that long).
         self.token_gaps: list[tuple[float, int]] = []
         self._last_step_end = 0.0
@@ -210,6 +230,7 @@ class SimDecode:
         self.num_unfilled_pages -= seq.num_pages
         seq.first_token_s = seq.last_token_s = self.loop.now
         seq.on_first_token(seq)
+        self.num_generated += 1
         if seq.max_tokens <= 1:
             self._finish(seq)
             return
@@ -227,6 +248,17 @@ class SimDecode:
         self.num_unfilled_pages -= pages
         if self._local:
             self._wake()
+
+    def is_idle(self) -> bool:
+        return not (self._num_running or self._ready or self._local or self._reserved)
+
+    @property
+    def decode_step_s(self) -> float | None:
+        return self._step_time.value
+
+    @property
+    def load(self) -> int:
+        return self._num_running + len(self._ready) + len(self._local)
 
     @property
     def num_running(self) -> int:
@@ -323,6 +355,7 @@ class SimDecode:
         if batch > len(fresh):
             self.token_gaps.append((now - self._last_step_end, batch - len(fresh)))
         self._context_tokens += batch
+        self.num_generated += batch + len(prefilled)
         if batch:
             self._num_steps += 1
         self._last_step_end = now

@@ -97,16 +97,20 @@ def summarize(result: SimResult, slo: SLOSpec) -> dict[str, Any]:
         "scheduler_expected_hit_rate": round(result.scheduler_hit_rate, 4),
         "utilization": utilization(result),
         "num_events": result.num_events,
+        "role_moves": result.moves,
     }
+    if result.planner_history:
+        report["planner_rounds"] = result.planner_history
     return report
 
 
 def utilization(result: SimResult) -> dict[str, float]:
-    """Mean busy fraction of each pool's instances over the makespan."""
-    by_role: dict[str, list[float]] = {}
-    for iid, busy in result.busy_s.items():
-        by_role.setdefault(result.roles[iid], []).append(busy / result.makespan_s)
-    return {role: round(sum(v) / len(v), 4) for role, v in by_role.items()}
+    """Busy fraction of each pool: its instances' busy seconds over their seconds in it."""
+    return {
+        role: round(busy / result.role_time_s[role], 4)
+        for role, busy in result.busy_s.items()
+        if result.role_time_s.get(role)
+    }
 
 
 def _round(x: float | None) -> float | None:

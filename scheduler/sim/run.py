@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.planner import SLO, InstancePerf, Workload, recommend
+from scheduler.sim.autoscale import PlannerLoop
 from scheduler.sim.cluster import SimCluster, SimConfig, SimResult, scheduler_config_for
 from scheduler.sim.profile import CostProfile, load_profile
 from scheduler.sim.report import SLOSpec, summarize
@@ -48,14 +49,18 @@ class Deployment:
     decode_local_threshold: int = 256
     max_queue_len: int = 256
     routing: str = "cache-aware"  # load-only: the scheduler sees no prefix hashes
+    planner: str = "off"  # auto: the planner's auto mode moves instances between the pools
+    planner_window_s: float = 10.0
 
     @property
     def num_instances(self) -> int:
         return self.num_prefill + self.num_decode + self.num_mixed
 
 
-def replay(requests: list[SimRequest], profile: CostProfile, dep: Deployment) -> SimResult:
-    """One simulated run of ``requests`` on ``dep``."""
+def replay(
+    requests: list[SimRequest], profile: CostProfile, dep: Deployment, slo: SLOSpec = SLOSpec()
+) -> SimResult:
+    """One simulated run of ``requests`` on ``dep`` (``slo`` feeds the planner's auto mode)."""
     sched = scheduler_config_for(
         profile,
         block_size=dep.block_size,
@@ -67,7 +72,15 @@ def replay(requests: list[SimRequest], profile: CostProfile, dep: Deployment) ->
         dep.num_prefill, dep.num_decode, sched, num_mixed=dep.num_mixed,
         is_prefix_aware=dep.routing == "cache-aware",
     )  # fmt: skip
-    return SimCluster(profile, config).run(requests)
+    cluster = SimCluster(profile, config)
+    planner = None
+    if dep.planner == "auto":
+        planner = PlannerLoop(cluster, SLO(slo.ttft_s, slo.tpot_s), window_s=dep.planner_window_s)
+        planner.start()
+    result = cluster.run(requests)
+    if planner is not None:
+        result.planner_history = planner.history
+    return result
 
 
 def run_once(
@@ -76,7 +89,7 @@ def run_once(
     """Replay at ``scale``; the report (with ``sim_seconds``, wall time on this machine)."""
     requests = build_requests(rows, scale, dep.block_size)
     t0 = time.perf_counter()
-    result = replay(requests, profile, dep)
+    result = replay(requests, profile, dep, slo)
     report = summarize(result, slo)
     report["sim_seconds"] = round(time.perf_counter() - t0, 3)
     report["infinite_cache_hit_rate"] = round(infinite_cache_hit_rate(requests, dep.block_size), 4)
@@ -255,6 +268,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-local-threshold", type=int, default=256)
     p.add_argument("--max-queue-len", type=int, default=256)
     p.add_argument("--routing", choices=ROUTINGS, default="cache-aware")
+    p.add_argument(
+        "--planner", choices=("off", "auto"), default="off",
+        help="auto: the planner moves instances between the pools while the trace runs",
+    )  # fmt: skip
+    p.add_argument("--planner-window", type=float, default=10.0, help="seconds per round")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("--out", required=True, help="output folder (report.json, PNGs)")
 
@@ -277,7 +295,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     dep = Deployment(
         args.prefill, args.decode, args.colocated, args.block_size or profile.block_size,
         args.admission_ttft or args.slo_ttft, args.decode_local_threshold, args.max_queue_len,
-        args.routing,
+        args.routing, args.planner, args.planner_window,
     )  # fmt: skip
     slo = SLOSpec(args.slo_ttft, args.slo_tpot)
     out = Path(args.out)

@@ -187,3 +187,26 @@ def test_tidal_sim_writes_report_and_plots(tmp_path):
     assert report["planner"]["recommendation"]["num_prefill"] in (1, 2)
     for png in report["plots"].values():
         assert (out / png).stat().st_size > 1000
+
+
+def test_the_planner_moves_instances_with_their_delays():
+    from scheduler.planner import SLO
+    from scheduler.pool_policy import PoolPolicyConfig
+    from scheduler.sim.autoscale import PlannerLoop
+
+    # prompt-heavy traffic on a decode-heavy split: the planner wants more prefill
+    rows = [TraceRow(i * 400, 4000, 4, (i,)) for i in range(240)]
+    requests = build_requests(rows, TraceScale(length_scale=1 / 8), 64)
+    profile = replace(TINY, cluster=replace(TINY.cluster, role_move_s=3.0))
+    cluster = SimCluster(profile, SimConfig(1, 3, scheduler_config_for(profile)))
+    policy = PoolPolicyConfig(is_auto=True, cooldown_s=10, confirm_rounds=1, warmup_s=5)
+    planner = PlannerLoop(cluster, SLO(2.0, 0.1), policy, window_s=5.0)
+    planner.start()
+    result = cluster.run(requests)
+    assert result.moves and result.moves[0]["to"] == "prefill"
+    assert len(cluster.prefills) > 1
+    assert any(h["action"] == "move" for h in planner.history)
+    assert all(o.finish_s is not None or o.reject_reason for o in result.outcomes)
+    # a moved instance serves in its new role only after the drain and role_move_s
+    first = result.moves[0]
+    assert cluster.serving_since(first["instance"]) >= first["time_s"] + 3.0
