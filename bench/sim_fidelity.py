@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -198,19 +199,46 @@ def measure_profile(settings: dict[str, Any], quick: bool, rpc_s: float) -> dict
 
 
 # ---- 2./3. real and simulated replays ---------------------------------------------------------------
+def sample_workers(workers: dict[str, Any], stop: threading.Event, out: list[dict]) -> None:
+    """Every 2 s: each worker's own meters (what it reports to the scheduler)."""
+    import ray
+
+    while not stop.wait(2.0):
+        for w in workers.values():
+            try:
+                st = ray.get(w.stats.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - a slow answer is a missing sample
+                continue
+            out.append(
+                {
+                    "role": st.role,
+                    "num_running": st.num_running,
+                    "decode_step_s": st.decode_step_s,
+                    "prefill_tokens_per_s": st.prefill_tokens_per_s,
+                }
+            )
+
+
 def real_run(args, port: int, model_dir: Path, reqs) -> dict[str, Any]:
+    import asyncio
+
+    from ray import serve
+
     settings = serving.mode_settings("disagg", args, model_dir)
     url = serving.deploy(port, settings)
+    samples: list[dict] = []
+    stop = threading.Event()
     try:
         serving.warm_up(url)
+        pool = serve.get_deployment_handle("PoolManager", settings["name"])
+        workers = pool.handles.remote().result()
+        threading.Thread(target=sample_workers, args=(workers, stop, samples)).start()
         t0 = time.perf_counter()
-        import asyncio
-
         outcomes = asyncio.run(serving.replay(url, reqs))
-        print(
-            f"[real] replayed {len(reqs)} requests in {time.perf_counter() - t0:.0f}s", flush=True
-        )
+        took = time.perf_counter() - t0
+        print(f"[real] replayed {len(reqs)} requests in {took:.0f}s", flush=True)
     finally:
+        stop.set()
         serving.undeploy(settings["name"])
     done = [o for o in outcomes if o.ok]
     return {
@@ -220,7 +248,46 @@ def real_run(args, port: int, model_dir: Path, reqs) -> dict[str, Any]:
         "errors": sorted({o.error for o in outcomes if o.error})[:5],
         "prefix_hit_rate": sum(o.cached_tokens for o in done)
         / max(sum(o.prompt_tokens for o in done), 1),
+        "worker_samples": samples,
     }
+
+
+def slowdown(profile: dict[str, Any], samples: list[dict], reqs) -> dict[str, Any]:
+    """How much slower the workers' own meters ran during the replay than the profile says:
+    decode = median of measured step / profile step at the sampled batch (mean context of the
+    requests); prefill = median of profile tokens/s at the mean prompt / measured tokens/s."""
+    cost = CostProfile.from_dict(profile)
+    prompt = statistics.mean(len(r.prompt_ids) for r in reqs)
+    ctx = prompt + statistics.mean(r.max_tokens for r in reqs) / 2
+    dec = [
+        x["decode_step_s"] / cost.decode.step_s(x["num_running"], int(x["num_running"] * ctx))
+        for x in samples
+        if x["role"] == "decode" and x["num_running"] and x["decode_step_s"]
+    ]
+    pre = [
+        cost.prefill.rate_at(prompt) / x["prefill_tokens_per_s"]
+        for x in samples
+        if x["role"] == "prefill" and x["prefill_tokens_per_s"]
+    ]
+    return {
+        "decode": statistics.median(dec) if dec else None,
+        "prefill": statistics.median(pre) if pre else None,
+        "num_decode_samples": len(dec),
+        "num_prefill_samples": len(pre),
+    }
+
+
+def calibrated(profile: dict[str, Any], slow: dict[str, Any]) -> dict[str, Any]:
+    """The profile with every cost scaled by the slowdown the workers measured in the run."""
+    out = json.loads(json.dumps(profile))
+    if slow["prefill"]:
+        curve = profile["prefill"]["tokens_per_s"]
+        out["prefill"]["tokens_per_s"] = [[n, r / slow["prefill"]] for n, r in curve]
+    if slow["decode"]:
+        for k in ("base_s", "per_seq_s", "per_kv_token_s"):
+            out["decode"][k] = profile["decode"][k] * slow["decode"]
+    out["name"] = profile["name"] + "-in-situ"
+    return out
 
 
 def sim_run(profile: CostProfile, rows, scale: TraceScale, settings: dict[str, Any]):
@@ -368,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     sim_rows = [TraceRow(r.timestamp_ms, r.input_length, r.output_length, r.hash_ids) for r in rows]
     sim = sim_run(CostProfile.from_dict(profile_dict), sim_rows, scale, settings)
     report = figures(real, sim, len(rows))
+    # diagnostic: the same replay with the speeds the workers measured during the real run
+    slow = slowdown(profile_dict, real["worker_samples"], reqs)
+    sim2 = sim_run(CostProfile.from_dict(calibrated(profile_dict, slow)), sim_rows, scale, settings)
+    report["in_situ"] = {"slowdown": slow, **figures(real, sim2, len(rows))}
     report |= {
         "targets": {"ratio_within": 0.25, "rejected_share_diff_within": 0.05},
         "met": {
@@ -387,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     print(table(report))
+    print(f"in-situ speeds (the workers' meters during the run; slowdown {slow}):")
+    print(table(report["in_situ"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
