@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 from cluster.ingress import chat_prompt, parse_body
 from cluster.protocol import ChatCompletionRequest
 from common.sampling import SamplingParams
-from tests.e2e.conftest import MODEL_NAME, assert_idle_pages, deployed, make_prompt
+from tests.e2e.conftest import (
+    MODEL_NAME,
+    assert_idle_pages,
+    deployed,
+    make_prompt,
+    pools,
+    wait_for,
+)
 
 APP = "openai-api"
 TOOLS = [
@@ -203,6 +210,24 @@ def test_n_choices_each_draw_with_seed_plus_index(client, url, reference_engine)
     assert finishes == {0: "length", 1: "length", 2: "length"}
     assert chunks[-1].usage.completion_tokens == 12
     assert_idle_pages(url)
+
+
+def test_later_choices_prefill_from_the_first_ones_prefix_cache(client, url):
+    def cached_on_prefill() -> int:
+        snap = pools(url)
+        return sum(
+            i["stats"]["num_cached_tokens"] for i in snap["instances"] if i["role"] == "prefill"
+        )
+
+    prompt = make_prompt(200, seed=23)  # three full 64-token blocks
+    before = cached_on_prefill()
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0, n=3,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    assert len({tuple(c.model_extra["token_ids"]) for c in r.choices}) == 1  # greedy: all alike
+    # choices 1 and 2 reused choice 0's blocks (the stats arrive with the next report)
+    wait_for(lambda: cached_on_prefill() - before == 2 * 192, timeout_s=10, what="prefix hits")
 
 
 # ---- fields ---------------------------------------------------------------------------------
