@@ -11,12 +11,16 @@
    ``bench/results/kvtransfer.json`` when present (else 0.67 GB/s, the last one measured).
 2. Real: ``bench/serving.py``'s disaggregated deployment (1 prefill + 1 decode instance, same
    settings) replays the first ``--num-requests`` rows of the Mooncake conversation trace,
-   scaled by ``bench/trace.py`` (lengths 1/8, outputs 1/8 capped at 64, rate x0.5).
+   scaled by ``bench/trace.py`` (lengths 1/8, outputs 1/8 capped at 64, rate x0.25 unless
+   ``--rate-scale`` says otherwise; any other ``bench/serving.py`` flag passes through).
 3. Sim: ``scheduler/sim`` replays the same rows with the same scaling, the measured profile and
    the scheduler config the real cluster ran (``ServeSettings.to_config().scheduler``).
 Ratios are simulated over measured: ``ttft_p50_ratio``, ``ttft_p90_ratio``, ``tbt_p50_ratio``
 (per-token gaps), and ``rejected_share_diff`` (simulated minus measured share of requests that
-did not complete). Targets: ratios within 25%, rejected share within 0.05.
+did not complete). Targets: ratios within 25%, rejected share within 0.05. As a diagnostic,
+``in_situ`` repeats the simulation with the speeds the workers' own meters showed during the
+real run (sampled every 2 s): on a shared box the offline profile and the run see different
+loads, and this separates that from the simulator's own error.
 """
 
 from __future__ import annotations
@@ -375,7 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --json PATH (or --profile-only --profile-out FILE)")
     n = args.num_requests or (100 if args.quick else 300)
     # bench/serving.py's settings, so the real run is its disaggregated mode
-    args.serving = serving.parse_args(["--json", "unused", "--num-requests", str(n), *rest])
+    # the rate this 2-core box serves without saturating (at 0.5 TTFTs are queueing-bound)
+    defaults = ["--json", "unused", "--num-requests", str(n), "--rate-scale", "0.25"]
+    args.serving = serving.parse_args([*defaults, *rest])
     return args
 
 
