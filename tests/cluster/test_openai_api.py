@@ -328,3 +328,40 @@ def test_deep_nesting_is_a_400():
     with pytest.raises(ApiError) as e:
         parse_body(b"[" * 100_000 + b"]" * 100_000, CompletionRequest)
     assert e.value.status == 400
+
+
+def test_merge_ends_every_choice_when_one_fails_or_the_reader_leaves():
+    from cluster.responses import merge
+
+    closed: list[int] = []
+
+    async def choice(i, fail_at=None, n=100):
+        try:
+            for k in range(n):
+                if k == fail_at:
+                    raise RuntimeError(f"choice {i} failed")
+                yield (i, k)
+                await asyncio.sleep(0)
+        finally:
+            closed.append(i)
+
+    async def fails():
+        got = []
+        with pytest.raises(RuntimeError, match="choice 1 failed"):
+            async for item in merge([choice(0), choice(1, fail_at=3), choice(2)]):
+                got.append(item)
+        return got
+
+    got = asyncio.run(fails())
+    assert sorted(closed) == [0, 1, 2] and (1, 2) in got
+    closed.clear()
+
+    async def leaves():
+        items = merge([choice(0), choice(1), choice(2)])
+        async for item in items:
+            if item[1] == 5:
+                break
+        await items.aclose()
+
+    asyncio.run(leaves())
+    assert sorted(closed) == [0, 1, 2]  # every choice's request would be cancelled

@@ -212,6 +212,23 @@ def test_n_choices_each_draw_with_seed_plus_index(client, url, reference_engine)
     assert_idle_pages(url)
 
 
+def test_disconnecting_from_n_streamed_choices_frees_them_all(url):
+    body = {
+        "model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 3000, "n": 3, "stream": True,
+        "temperature": 0, "ignore_eos": True,
+    }  # fmt: skip
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = set()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    seen.update(c["index"] for c in json.loads(line[6:])["choices"])
+                if len(seen) == 3:
+                    break  # every choice is generating: go away mid-stream
+    assert_idle_pages(url)
+
+
 def test_later_choices_prefill_from_the_first_ones_prefix_cache(client, url):
     def cached_on_prefill() -> int:
         snap = pools(url)
