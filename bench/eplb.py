@@ -20,8 +20,16 @@ For each window t both planners see window t's counts and their own placement fr
   only real weight loads count as moved.
 
 Figures: balancedness (mean / max rank load, even split over replicas) on window t+1, the
-fraction of slots whose expert changed per rebalance, plan time. Part 2 (a live
-expert-parallel instance) adds its own section to the same JSON; see ``main``.
+fraction of slots whose expert changed per rebalance, plan time.
+
+Part 2, live (``part2_live``, skipped with ``--skip-live``): an EP2 ``k2-small`` instance (two
+rank processes over gloo, 32+8 slots per MoE layer) with a router bias that makes 4 experts of
+rank 0 hot (rank balancedness ~0.6 without EPLB), in one run: decode steps at batch 32 and
+prefills of 1024 tokens per rank with EPLB off (the default placement), on (after a live
+rebalance planned by ``scheduler.eplb.rebalance`` from the off window) and with the bias
+removed (the ideal); the longest step while a placement is staged in the background and
+swapped in, against the median EPLB-off step; greedy tokens of every phase against EPLB off.
+See ``bench/eplb_ep.py`` for what a rank runs.
 """
 
 from __future__ import annotations

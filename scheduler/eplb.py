@@ -9,7 +9,7 @@ node ``r // (num_ranks // num_nodes)``. Planning assumes an expert's load splits
 replicas (at run time a token prefers a local replica; the even split is the planning model).
 
 ``rebalance`` without ``previous`` plans from scratch: (1) replicate the hottest experts, (2)
-pack replicas onto nodes then onto ranks within each node, heaviest first, (4) even out ranks
+pack replicas (onto nodes, then) onto ranks, heaviest first, (4) even out ranks
 by swapping slots. With ``previous`` it starts from the previous placement: (3) move replicas
 from experts that can spare one to the hottest per replica (up to half the budget), then (4),
 changing at most ``max_moved`` slots per layer, so ranks reload few expert weights.
@@ -50,12 +50,18 @@ def rebalance(
     num_ranks: int,
     previous: np.ndarray | None = None,
     max_moved: int | None = None,
+    *,
+    num_groups: int = 1,
 ) -> np.ndarray:
     """Placement [L, num_slots] (int64 logical expert ids) balancing ``load`` [L, E] over ranks.
 
     Every expert keeps at least one replica. With ``previous`` [L, num_slots], start from it and
     change at most ``max_moved`` slots per layer (None: no limit); a placement no single move
-    improves is returned unchanged. Raises ValueError on shapes that cannot be served.
+    improves is returned unchanged. From scratch, replicas are packed onto nodes and then onto
+    each node's ranks when the model routes by expert groups (``num_groups``, the config's
+    ``n_group``) that split evenly over the nodes, as group-limited routing keeps a token's
+    experts on few nodes; otherwise (Kimi-K2: one group) straight onto ranks, since a node
+    level only constrains the rank packing. Raises ValueError on shapes that cannot be served.
     """
     load = np.asarray(load, dtype=np.float64)
     _check_shape(load, num_slots, num_nodes, num_ranks, max_moved)
@@ -63,7 +69,9 @@ def rebalance(
     if previous is None:
         if max_moved is not None:
             raise ValueError("max_moved limits changes to a previous placement: pass previous")
-        placement = _plan_from_scratch(load, num_slots, num_nodes, num_ranks)
+        is_hierarchical = num_nodes > 1 and num_groups > 1 and num_groups % num_nodes == 0
+        nodes = num_nodes if is_hierarchical else 1
+        placement = _plan_from_scratch(load, num_slots, nodes, num_ranks)
         return _improve(load, placement, placement.copy(), slots_per_rank, budget=num_slots)
     previous = _check_previous(previous, load, num_slots)
     budget = num_slots if max_moved is None else max_moved

@@ -27,7 +27,8 @@ from tests.e2e.conftest import (
 )
 
 APP = "ep"
-EP = {"cpus_per_rank": 0.2, "decode_local_threshold": 0, "num_pages": 160}
+# a loose TTFT SLO: these tests check tokens under load (a rebalance under traffic), not admission
+EP = {"cpus_per_rank": 0.2, "decode_local_threshold": 0, "num_pages": 160, "ttft_slo_s": 30.0}
 # one redundant expert slot per rank: 8 experts in 10 slots per MoE layer (EPLB replicas)
 EPLB = {"redundant_experts": 1}
 

@@ -85,6 +85,19 @@ def test_skewed_load_gets_better_balanced():
     assert scratch.mean() > 0.9
 
 
+def test_nodes_first_only_for_grouped_routing():
+    """One expert group (Kimi-K2): replicas go straight onto ranks, whatever the node count;
+    groups that split over the nodes: onto nodes first, each node's load balanced."""
+    rng = np.random.default_rng(1)
+    load = rng.poisson(100 * rng.lognormal(0, 1.0, (3, 32))).astype(float)
+    flat = rebalance(load, 40, 1, 8)
+    np.testing.assert_array_equal(rebalance(load, 40, 2, 8), flat)
+    grouped = rebalance(load, 40, 2, 8, num_groups=4)
+    node_loads = rank_loads(load, grouped, 8).reshape(3, 2, 4).sum(axis=2)
+    assert (node_loads.min(axis=1) / node_loads.max(axis=1) > 0.95).all(), node_loads
+    assert balancedness(load, grouped, 8).mean() > 0.9
+
+
 def test_hot_expert_gets_the_extra_replicas():
     load = np.array([[1000.0, 10, 10, 10, 10, 10]])
     placement = rebalance(load, num_slots=8, num_nodes=1, num_ranks=4)
