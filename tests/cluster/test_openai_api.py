@@ -365,3 +365,30 @@ def test_merge_ends_every_choice_when_one_fails_or_the_reader_leaves():
 
     asyncio.run(leaves())
     assert sorted(closed) == [0, 1, 2]  # every choice's request would be cancelled
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    content=st.text(st.characters(codec="ascii", exclude_characters="<|z\n"), max_size=12),
+    args=st.dictionaries(
+        st.sampled_from(["city", "unit", "n"]), st.integers() | st.text(max_size=6)
+    ),
+    cuts=st.lists(st.integers(min_value=0), max_size=8),
+    stop=st.sampled_from([[], ["zzz"], ["\n\n\n"]]),
+)
+def test_tool_call_tokens_in_any_stream_chunks_give_the_same_answer(tok, content, args, cuts, stop):
+    """K2's tool-call tokens through the whole output path (incremental detokenizer, stop-string
+    holdback, parser), cut into arbitrary token batches."""
+    text = content + SECTION_BEGIN[0] + CALL_BEGIN + "functions.get_weather:0" + ARGUMENT_BEGIN
+    text += json.dumps(args) + CALL_END + SECTION_END[0]
+    ids = tok.encode(text)
+    bounds = sorted({0, len(ids), *(c % (len(ids) + 1) for c in cuts)})
+    batches = [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    body = chat(tools=TOOLS, stop=stop or None)
+    whole = _respond(tok, body, [([ids],)], tool_mode="auto")["choices"][0]
+    split = _respond(tok, body, [(batches,)], tool_mode="auto")["choices"][0]
+    assert split == whole
+    assert whole["message"]["tool_calls"][0]["function"]["arguments"] == json.dumps(args)
+    assert (whole["message"]["content"] or "") == content and whole["finish_reason"] == "tool_calls"
