@@ -173,6 +173,7 @@ class PoolManager:
         async with self._get_lock():
             self._targets = targets
             await self._reconcile()
+        self._policy.last_move_s = time.monotonic()  # the planner leaves a resize alone a while
         return await self.snapshot()
 
     async def move(self, instance_id: str, role: str, source: str = "admin") -> dict[str, Any]:
@@ -213,6 +214,7 @@ class PoolManager:
                 self._targets[old] -= 1
                 self._targets[role] += 1
                 self._warm_since[instance_id] = time.monotonic()
+                self._policy.last_move_s = time.monotonic()  # an operator's move counts too
                 self._metrics.pool_changed("move", source)
                 log.info("%s moved %s -> %s (%s)", instance_id, old, role, source)
         return await self.snapshot()
@@ -391,7 +393,7 @@ class PoolManager:
             counts[(i.role, i.state)] = counts.get((i.role, i.state), 0) + 1
             if i.state == SERVING:
                 ranks[i.role] += i.num_ranks
-        sched = await self.scheduler.stats.remote()
+        sched = await self._scheduler_stats()
         now = time.monotonic()
         self._metrics.update(counts, ranks, self._targets, sched)
         self._metrics.planner(self._planner.recommendation, self._policy.config.is_auto)
@@ -400,6 +402,33 @@ class PoolManager:
             await self.rebalance()
         if self._planner.is_due(now):
             await self._plan(now, sched)
+
+    async def _scheduler_stats(self) -> Any:
+        """The scheduler's stats; a dead scheduler actor is restarted first (``_restart``)."""
+        try:
+            return await asyncio.wait_for(self.scheduler.stats.remote(), SCHEDULER_TIMEOUT_S)
+        except (RayActorError, asyncio.TimeoutError) as e:
+            log.warning("the scheduler is gone (%s): restarting it", type(e).__name__)
+        await self._restart_scheduler()
+        return await self.scheduler.stats.remote()
+
+    async def _restart_scheduler(self) -> None:
+        """A new scheduler actor, rebuilt from the workers: every serving rank is added again
+        and reports to it (free pages, reserved-but-unfilled pages, queues, cached prefixes),
+        which are the books it routes by. Requests already placed finish on their workers;
+        the ingress fetches the new handle on its next route."""
+        old, self.scheduler = self.scheduler, make_scheduler_actor(self.config.scheduler)
+        ray.kill(old, no_restart=True)  # a hung one must not come back
+        live = [i for i in self._instances.values() if i.ranks and i.state != DEAD]
+        await asyncio.gather(
+            *(r.set_scheduler.remote(self.scheduler) for i in live for r in i.ranks),
+            return_exceptions=True,  # a dead rank is the health check's business
+        )
+        for inst in live:
+            if inst.state == SERVING:
+                await self._register(inst)
+        self._num_scheduler_restarts += 1
+        self._metrics.pool_changed("scheduler_restart", "health")
 
     async def _plan(self, now: float, sched: Any) -> None:
         """One planner round: measure the window, recommend, and in auto mode move."""

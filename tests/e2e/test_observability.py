@@ -33,8 +33,10 @@ import pytest
 import yaml
 
 from cluster import dashboards
+from cluster.cli import main
 from tests.e2e.conftest import (
     ADMIN,
+    ADMIN_TOKEN,
     MODEL_NAME,
     deployed,
     make_prompt,
@@ -201,12 +203,18 @@ def _split(url: str) -> tuple[int, int]:
 ADD_WHICH = dashboards.ADD_WHICH.queries[0].expr
 
 
-def test_admin_routes_need_the_token(url):
+def test_admin_routes_need_the_token_and_tidal_pools_sends_it(url, monkeypatch, capsys):
     assert httpx.get(f"{url}/admin/pools", timeout=30).status_code == 401
     bad = {"Authorization": "Bearer nope"}
     assert httpx.post(f"{url}/admin/pools", json={"prefill": 5}, headers=bad).status_code == 401
     assert httpx.get(f"{url}/admin/pools", headers=ADMIN, timeout=30).status_code == 200
     assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 200  # user routes: no token
+    monkeypatch.setenv("TIDAL_ADMIN_TOKEN", ADMIN_TOKEN)
+    assert main(["pools", "--url", url, "show"]) == 0
+    out = capsys.readouterr().out
+    assert "planner: auto" in out and out.count(" serving ") == 3
+    monkeypatch.delenv("TIDAL_ADMIN_TOKEN")
+    assert main(["pools", "--url", url, "planner"]) == 1  # no token: the server's 401
 
 
 def test_replay_pools_follow_the_phases_and_every_panel_has_data(url, prometheus, capsys):
