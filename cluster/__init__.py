@@ -11,8 +11,10 @@
 | `pool.py` | `PoolManager`: targets per pool, grow/shrink/heal/move, health loop |
 | `planning.py` | `PlannerFeed`: measured windows -> P:D recommendation |
 | `flow.py` | `Flow`: one request through scheduler, prefill, decode; re-route and resume |
-| `protocol.py` | OpenAI request bodies (pydantic) |
+| `protocol.py` | OpenAI request bodies (pydantic): known, unhonourable (400) and unknown fields |
 | `text.py` | `TextStream`: incremental text + stop strings |
+| `tool_calls.py` | `ToolCallParser`: K2's tool-call section -> OpenAI `tool_calls` (incremental) |
+| `responses.py` | `Response`, `Choice`: n choices' text, tool calls, logprobs as JSON or SSE |
 | `errors.py` | `ApiError` in OpenAI's error shape |
 | `ingress.py` | FastAPI routes on a Serve deployment |
 | `metrics.py` | `tidal_*` metrics via `ray.util.metrics`; `/metrics` scrape |
