@@ -302,7 +302,7 @@ class Ingress:
         return body
 
     async def _get_flow(self) -> Flow:
-        if self._flow is None or self._flow.is_broken:
+        if self._flow is None:
             scheduler = await self.pool.scheduler_handle.remote()
             self._flow = Flow(
                 self.config,
@@ -346,7 +346,11 @@ class Ingress:
         streams = [flow.generate(g) for g in gens]
         try:
             first = await self._start(streams[0])
-            await asyncio.gather(*(self._start(s) for s in streams[1:]))
+            # every start ends before any stream is closed (closing a running one is an error)
+            starts = await asyncio.gather(*map(self._start, streams[1:]), return_exceptions=True)
+            error = next((s for s in starts if isinstance(s, BaseException)), None)
+            if error is not None:
+                raise error
         except BaseException:
             for s in streams:
                 await s.aclose()  # cancels the choices already placed

@@ -392,3 +392,36 @@ def test_tool_call_tokens_in_any_stream_chunks_give_the_same_answer(tok, content
     assert split == whole
     assert whole["message"]["tool_calls"][0]["function"]["arguments"] == json.dumps(args)
     assert (whole["message"]["content"] or "") == content and whole["finish_reason"] == "tool_calls"
+
+
+def test_a_rejected_later_choice_fails_the_request_and_cancels_the_others(tok):
+    """Choice 1 gets a 429 while choice 2 is still being placed: the answer is that 429, and
+    every choice that was placed or being placed is closed (its request cancelled)."""
+    from cluster.flow import Started
+    from cluster.ingress import Ingress
+
+    closed: list[str] = []
+
+    class FakeFlow:
+        async def generate(self, gen):
+            try:
+                if gen.request_id.endswith(".c1"):
+                    await asyncio.sleep(0.01)
+                    raise ApiError(429, "overloaded", code="slo", retry_after_s=1.0)
+                if gen.request_id.endswith(".c2"):
+                    await asyncio.sleep(0.05)
+                yield Started(0)
+                await asyncio.sleep(10)
+            finally:
+                closed.append(gen.request_id[-2:])
+
+    async def get_flow():
+        return FakeFlow()
+
+    ingress = SimpleNamespace(**vars(_ingress(tok)), max_model_len=8192, _get_flow=get_flow)
+    ingress.metrics.rejects = _Metric()
+    ingress._start = lambda events: Ingress._start(ingress, events)
+    body = parse_body(b'{"model": "m", "prompt": "a", "n": 3, "max_tokens": 2}', CompletionRequest)
+    with pytest.raises(ApiError) as e:
+        asyncio.run(Ingress._serve(ingress, body, [1, 2], "completion", 2))
+    assert e.value.status == 429 and sorted(closed) == ["c0", "c1", "c2"]
