@@ -109,6 +109,11 @@ def goodput(
 
     def ok(rate: float) -> bool:
         report, _ = run_once(rows, replace(scale, rate_scale=rate), profile, dep, slo)
+        print(
+            f"  {dep.num_prefill}P:{dep.num_decode}D rate x{rate:.3g}: "
+            f"SLO attainment {report['slo_attainment']:.3f} ({report['sim_seconds']:.1f}s)",
+            flush=True,
+        )
         return report["meets_goodput_bar"]
 
     rate = scale.rate_scale
