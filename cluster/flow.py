@@ -105,6 +105,11 @@ class InstanceDirectory:
             raise _Retry(f"instance {instance_id} is gone", instance_id)
         return handle
 
+    async def scheduler_after_failure(self) -> Any:
+        """A call to the scheduler failed: the pool manager checks it (restarting a dead one,
+        which the workers then report to) and hands out the live one."""
+        return await self._pool.scheduler_handle.remote(is_suspect=True)
+
     async def report_failure(self, instance_id: str) -> None:
         """Tell the pool manager; returns once a dead instance is out of the scheduler."""
         self._handles.pop(instance_id, None)
@@ -153,7 +158,6 @@ class Flow:
         self.directory = directory
         self.on_reroute = on_reroute  # called with "prefill" or "decode" (metrics)
         self.on_ttft_parts = on_ttft_parts  # once per request, at its first token (metrics)
-        self.is_broken = False  # the scheduler is gone: the ingress builds a new Flow
         self._cleanup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-cleanup")
 
     def detached(self, fn: Callable[[], Any]) -> None:
@@ -240,9 +244,11 @@ class Flow:
         while True:
             try:
                 answer = await self.scheduler.route.remote(spec)
-            except RayActorError as e:  # the pool manager restarted and with it the scheduler
-                self.is_broken = True
-                raise ApiError(503, f"scheduler unavailable: {e}", retry_after_s=1.0) from e
+            except RayActorError as e:  # the scheduler died: route on its replacement
+                if time.monotonic() > deadline:
+                    raise ApiError(503, f"scheduler unavailable: {e}", retry_after_s=1.0) from e
+                self.scheduler = await self.directory.scheduler_after_failure()
+                continue
             except BaseException:
                 # Gone while routing (client disconnect): the scheduler may still place or queue
                 # it; cancelling after the route (same caller, so in order) releases either.

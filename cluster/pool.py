@@ -29,6 +29,9 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
+import ray
+from ray.exceptions import RayActorError
+
 from cluster.config import ROLES, ClusterConfig
 from cluster.instance import (
     DEAD,
@@ -51,6 +54,8 @@ from scheduler.state import SchedulerError
 
 log = logging.getLogger(__name__)
 
+SCHEDULER_TIMEOUT_S = 10.0  # a scheduler that does not answer its stats in this long is restarted
+
 
 class PoolManager:
     """Owns the scheduler actor and every instance of one tidal deployment."""
@@ -69,6 +74,7 @@ class PoolManager:
         self._background: set[asyncio.Task[None]] = set()
         self._last_error: str | None = None
         self._num_replaced = 0
+        self._num_scheduler_restarts = 0
         self._eplb_version = 0  # placement versions handed out (one sequence per deployment)
         self._last_rebalance = (
             time.monotonic()
@@ -99,8 +105,12 @@ class PoolManager:
         is_ready = startup.done() and counts["decode"] + counts["mixed"] > 0
         return {"is_ready": is_ready, "serving": counts, "last_error": self._last_error}
 
-    async def scheduler_handle(self) -> Any:
+    async def scheduler_handle(self, is_suspect: bool = False) -> Any:
+        """The scheduler actor; ``is_suspect``: a caller's call to it failed, so check it first
+        and restart it if it is gone."""
         self._ensure_started()
+        if is_suspect:
+            await self._scheduler_stats()
         return self.scheduler
 
     async def handles(self) -> dict[str, Any]:
@@ -129,12 +139,13 @@ class PoolManager:
             return [None if isinstance(a, BaseException) else a for a in answers]
 
         all_stats = await asyncio.gather(*(stats(i) for i in instances))
-        sched = await self.scheduler.stats.remote()
+        sched = await self._scheduler_stats()
         return {
             "targets": dict(self._targets),
             "instances": [i.view(s).to_dict() for i, s in zip(instances, all_stats, strict=True)],
             "scheduler": {**asdict(sched), "prefix_hit_rate": sched.prefix_hit_rate},
             "num_replaced": self._num_replaced,
+            "num_scheduler_restarts": self._num_scheduler_restarts,
             "recommendation": asdict(rec) if (rec := self._planner.recommendation) else None,
             "planner": self.planner_state(),
             "last_error": self._last_error,
@@ -405,11 +416,13 @@ class PoolManager:
 
     async def _scheduler_stats(self) -> Any:
         """The scheduler's stats; a dead scheduler actor is restarted first (``_restart``)."""
+        asked = self.scheduler
         try:
-            return await asyncio.wait_for(self.scheduler.stats.remote(), SCHEDULER_TIMEOUT_S)
+            return await asyncio.wait_for(asked.stats.remote(), SCHEDULER_TIMEOUT_S)
         except (RayActorError, asyncio.TimeoutError) as e:
-            log.warning("the scheduler is gone (%s): restarting it", type(e).__name__)
-        await self._restart_scheduler()
+            if self.scheduler is asked:  # not already restarted by a concurrent caller
+                log.warning("the scheduler is gone (%s): restarting it", type(e).__name__)
+                await self._restart_scheduler()
         return await self.scheduler.stats.remote()
 
     async def _restart_scheduler(self) -> None:

@@ -158,11 +158,17 @@ class RankWorker:
             raise RuntimeError(f"{self.unit_id}: the step loop thread died")
         return self._role.value
 
+    def set_scheduler(self, scheduler: Any) -> None:
+        """Report to this scheduler actor from now on (the pool manager restarted it)."""
+        self._scheduler = scheduler
+
     def set_reporting(self, is_on: bool) -> None:
-        """Report to the scheduler (on once the scheduler knows this instance)."""
+        """Report to the scheduler (on once the scheduler knows this instance). Turning it on
+        returns once the scheduler holds this rank's first report, so a request routed after
+        the registration sees the rank's pages."""
         self._is_reporting = is_on
         if is_on:
-            self._report()
+            ray.get(self._report())
 
     def set_role(self, role: str) -> WorkerInfo:
         """Drain in-flight work, then serve ``role`` with the same engine (no weight reload)."""
@@ -424,35 +430,42 @@ class RankWorker:
             except Exception:  # the scheduler restarting must not kill the reporter
                 log.exception("%s: report failed", self.unit_id)
 
-    def _report(self) -> None:
+    def _report(self) -> list[Any]:
+        """Metrics, and the state reports to the scheduler; the reports' object refs."""
         if self._load_window is not None:
             self._load_window.snapshot()
         stats = self.stats()
         self._metrics.update(stats)
         if not self._is_reporting or stats.is_draining:
-            return
+            return []
+        refs = []
         if stats.role in ("prefill", "mixed"):
-            self._scheduler.update_prefill.remote(
-                PrefillInstanceState(
-                    self.unit_id,
-                    stats.num_queued_tokens,
-                    stats.prefill_tokens_per_s,
-                    frozenset(stats.cached_block_hashes),
+            refs.append(
+                self._scheduler.update_prefill.remote(
+                    PrefillInstanceState(
+                        self.unit_id,
+                        stats.num_queued_tokens,
+                        stats.prefill_tokens_per_s,
+                        frozenset(stats.cached_block_hashes),
+                    )
                 )
             )
         if stats.role in ("decode", "mixed"):
-            self._scheduler.update_decode.remote(
-                DecodeInstanceState(
-                    self.unit_id,
-                    num_free_pages=stats.num_free_pages,
-                    num_total_pages=stats.num_total_pages,
-                    num_running=stats.num_running,
-                    max_batch_size=self._stage_config().max_batch_size,
-                    decode_step_s=stats.decode_step_s,
-                    num_reserved_unfilled_pages=stats.num_reserved_unfilled_pages,
-                    prefill_tokens_per_s=stats.prefill_tokens_per_s,
+            refs.append(
+                self._scheduler.update_decode.remote(
+                    DecodeInstanceState(
+                        self.unit_id,
+                        num_free_pages=stats.num_free_pages,
+                        num_total_pages=stats.num_total_pages,
+                        num_running=stats.num_running,
+                        max_batch_size=self._stage_config().max_batch_size,
+                        decode_step_s=stats.decode_step_s,
+                        num_reserved_unfilled_pages=stats.num_reserved_unfilled_pages,
+                        prefill_tokens_per_s=stats.prefill_tokens_per_s,
+                    )
                 )
             )
+        return refs
 
 
 def make_rank_worker(

@@ -160,3 +160,32 @@ def test_prefill_killed_mid_prefill_is_rerouted(url, greedy_cases):
     )
     assert_idle_pages(url, timeout_s=30)
     assert pools(url)["num_replaced"] >= 2
+
+
+def test_scheduler_killed_mid_stream_is_restarted(url, reference_engine, greedy_cases):
+    """The scheduler actor dies while streams run: they finish with the offline tokens (they
+    were placed already), a request sent right after is routed by the replacement, which the
+    pool manager rebuilt from the workers' reports; no page is left behind."""
+    n = 120
+    prompts = [make_prompt(7, 700 + k) for k in range(2)]
+    expected = [reference_engine.generate([p], n)[0] for p in prompts]
+    outs: list[dict] = [{} for _ in prompts]
+    threads = [
+        threading.Thread(target=http_stream, args=(url, p, n, o))
+        for p, o in zip(prompts, outs, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(len(o.get("ids", [])) >= 3 for o in outs), what="every stream started")
+    restarts = pools(url)["num_scheduler_restarts"]
+    ray.kill(pool_handle(APP).scheduler_handle.remote().result(), no_restart=True)
+    prompt, want = greedy_cases[0]
+    assert http_complete(url, prompt, len(want)) == want  # routed by the new scheduler
+    for t in threads:
+        t.join(timeout=180)
+    for o, e in zip(outs, expected, strict=True):
+        assert "error" not in o, o.get("error")
+        assert o["ids"] == e and o["finish"] == "length"
+    assert pools(url)["num_scheduler_restarts"] == restarts + 1
+    assert [http_complete(url, p, len(e)) for p, e in greedy_cases] == [e for _, e in greedy_cases]
+    assert_idle_pages(url, timeout_s=30)
