@@ -63,7 +63,9 @@ class PrefillConfig:
     context length at which a token's attention costs as much as the rest of its layer, so a
     chunk deep in a 256K prompt is small and a step takes about as long at any depth (a short
     prompt queued behind it waits one such step). Every chunk has at least
-    ``min_chunk_tokens``. ``enable_prefix_cache``: keep full KV pages of finished prompts, keyed
+    ``min_chunk_tokens``. Jobs with the least left go first; one skipped ``max_skipped_steps``
+    steps in a row goes before them (a long prompt under a stream of short ones still
+    advances). ``enable_prefix_cache``: keep full KV pages of finished prompts, keyed
     by chained block hashes, and reuse them for prompts that share the prefix. Transfer
     deadlines and sizes are ``kvtransfer.TransferConfig``.
     """
@@ -71,11 +73,12 @@ class PrefillConfig:
     token_budget: int = 2048
     attention_tokens: int = 8192
     min_chunk_tokens: int = 64
+    max_skipped_steps: int = 3
     enable_prefix_cache: bool = True
     throughput_halflife_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("token_budget", "attention_tokens", "min_chunk_tokens"):
+        for name in ("token_budget", "attention_tokens", "min_chunk_tokens", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -214,8 +214,8 @@ class PrefillStage:
 
         A long prompt takes a chunk per step, sized so that its attention over the cached
         prefix fits the budget; the jobs with the least left to compute go first, so a short
-        prompt that arrives while a 256K one is being prefilled waits about one step; jobs the
-        budget skipped go first in the next step (longest skipped first), so none starves.
+        prompt that arrives while a 256K one is being prefilled waits about one step; a job the
+        budget skipped ``max_skipped_steps`` steps in a row goes first, so none starves.
         """
         budget = float(self.config.token_budget)
         num_tokens = 0
@@ -242,11 +242,18 @@ class PrefillStage:
         return num_tokens > 0
 
     def _order(self) -> list[_Task]:
-        """Queued jobs in service order: skipped by the most steps in a row first, then least
-        left to compute (an unstarted job counts its whole prompt), then arrival."""
+        """Queued jobs in service order: those the budget skipped ``max_skipped_steps`` steps in
+        a row first (most skipped first), then least left to compute (an unstarted job counts
+        its whole prompt), then arrival."""
         with self._lock:
             tasks = list(self._queue)
-        return sorted(tasks, key=lambda t: (-t.num_skipped, t.num_prompt - t.num_computed))
+        patience = self.config.max_skipped_steps
+
+        def key(t: _Task) -> tuple[int, int]:
+            starving = t.num_skipped if t.num_skipped >= patience else 0
+            return -starving, t.num_prompt - t.num_computed
+
+        return sorted(tasks, key=key)
 
     def _claim(self, task: _Task) -> bool:
         """Mark ``task`` as the one inside an engine call; False if it left the queue."""
