@@ -12,7 +12,7 @@ $(BIN)/tidal: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,sim]'
 	touch $@
 
 install: $(BIN)/tidal
