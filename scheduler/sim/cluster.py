@@ -76,6 +76,7 @@ class SimResult:
     makespan_s: float
     scheduler_hit_rate: float  # the scheduler's expected prefix hits / routed prompt tokens
     num_events: int
+    decode_mean_batch: float = 0.0  # sequences per decode step, over every step taken
     moves: list[dict[str, object]] = field(default_factory=list)  # role moves, in time order
     planner_history: list[dict[str, object]] = field(default_factory=list)
 
@@ -328,6 +329,8 @@ class SimCluster:
             makespan_s=max(last - first, 1e-9),
             scheduler_hit_rate=self.scheduler.stats().prefix_hit_rate,
             num_events=self.loop.num_events,
+            decode_mean_batch=sum(n for d in decodes for _, n in d.token_gaps)
+            / max(sum(d.num_steps for d in decodes), 1),
             moves=self.moves,
         )
 

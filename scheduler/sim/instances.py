@@ -253,6 +253,10 @@ class SimDecode:
         return not (self._num_running or self._ready or self._local or self._reserved)
 
     @property
+    def num_steps(self) -> int:
+        return self._num_steps
+
+    @property
     def decode_step_s(self) -> float | None:
         return self._step_time.value
 

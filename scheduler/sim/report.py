@@ -95,7 +95,9 @@ def summarize(result: SimResult, slo: SLOSpec) -> dict[str, Any]:
         if prompt
         else 0.0,
         "scheduler_expected_hit_rate": round(result.scheduler_hit_rate, 4),
-        "utilization": utilization(result),
+        "utilization": utilization(result),  # busy fraction (a decode step loop is busy
+        # whenever any sequence runs, however small the batch)
+        "decode_mean_batch": round(result.decode_mean_batch, 2),
         "num_events": result.num_events,
         "role_moves": result.moves,
     }
