@@ -73,3 +73,19 @@ def test_a_long_prompt_skipped_too_often_goes_first(prefill_engine):
         assert progress[2] == 64  # but short prompts go first until then
     finally:
         stage.close()
+
+
+def test_kv_is_sized_per_role(tiny_model_dir):
+    """Decode ranks hold one max_model_len context by default; each role can be sized alone."""
+    from cluster.settings import ServeSettings
+
+    engine = ServeSettings(model=str(tiny_model_dir)).to_config().engine
+    assert engine.num_pages_for("decode") * engine.page_size == 262_144
+    assert engine.num_pages_for("prefill") * engine.page_size == 262_144
+    engine = (
+        ServeSettings(model=str(tiny_model_dir), num_pages=100, prefill_kv_tokens=40_000)
+        .to_config()
+        .engine
+    )
+    assert engine.num_pages_for("prefill") == 625 and engine.num_pages_for("decode") == 100
+    assert engine.num_pages_for("mixed") == 100
