@@ -29,7 +29,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return build_app_from_config(settings.to_config())
 
 
-def build_app_from_config(config: ClusterConfig, num_ingress_replicas: int = 1) -> Application:
+def build_app_from_config(config: ClusterConfig) -> Application:
     pool = serve.deployment(
         PoolManager,
         name="PoolManager",
@@ -41,7 +41,7 @@ def build_app_from_config(config: ClusterConfig, num_ingress_replicas: int = 1) 
     ingress = serve.deployment(
         Ingress,
         name="Ingress",
-        num_replicas=num_ingress_replicas,
+        num_replicas=config.num_ingress_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10_000,
         graceful_shutdown_timeout_s=5,

@@ -68,6 +68,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument(
+        "--num-ingress-replicas", type=_positive_int, help="HTTP ingress replicas (default 1)"
+    )
+    p.add_argument(
         "--kv-format",
         choices=KV_FORMATS,
         default="auto",

@@ -113,6 +113,7 @@ class ClusterConfig:
     itl_slo_s: float = 0.1  # inter-token latency target (the planner's decode SLO)
     poll_timeout_s: float = 2.0  # one long-poll of a decode worker
     max_body_bytes: int = 8 << 20  # HTTP request body limit (413 beyond)
+    num_ingress_replicas: int = 1  # Serve replicas of the HTTP ingress
     max_concurrency: int = 256  # actor threads per worker (one per concurrent long-poll)
     ep_timeout_s: float = 30.0  # an expert-parallel collective waiting longer fails (dead peer)
     redundant_experts: int = 0  # EPLB: extra expert slots per rank per MoE layer

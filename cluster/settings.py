@@ -131,6 +131,14 @@ class ServeSettings(BaseModel):
     drain_timeout_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     max_body_bytes: int = Field(8 << 20, gt=0)
+    num_ingress_replicas: int = Field(
+        1, ge=1, description="HTTP ingress replicas (Serve); one dying ends only its own streams"
+    )
+    reader_timeout_s: float = Field(
+        60.0,
+        gt=2.0,
+        description="a decode request nobody polled for this long is cancelled (dead ingress)",
+    )
     transfer_progress_lease_s: float = Field(
         60.0, gt=0, description="a KV transfer that receives no bytes for this long is cut"
     )
@@ -305,7 +313,11 @@ class ServeSettings(BaseModel):
             kv_bytes_per_token=bytes_per_token(wire, mc.kv_lora_rank, mc.qk_rope_head_dim)
             * mc.num_hidden_layers,
         )
-        stage = {"max_batch_size": self.max_batch_size, "max_unread_tokens": self.max_unread_tokens}
+        stage = {
+            "max_batch_size": self.max_batch_size,
+            "max_unread_tokens": self.max_unread_tokens,
+            "reader_timeout_s": self.reader_timeout_s,
+        }
         return ClusterConfig(
             engine=engine,
             name=self.name,
@@ -334,6 +346,7 @@ class ServeSettings(BaseModel):
             drain_timeout_s=self.drain_timeout_s,
             max_attempts=self.max_attempts,
             max_body_bytes=self.max_body_bytes,
+            num_ingress_replicas=self.num_ingress_replicas,
             redundant_experts=self.redundant_experts,
             eplb_interval_s=self.eplb_interval_s,
             eplb_max_moved_fraction=self.eplb_max_moved_fraction,

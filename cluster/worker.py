@@ -69,6 +69,7 @@ class RankWorker:
         self._is_draining = False
         self._is_reporting = False
         self._receiver = None
+        self._kv_address: str | None = None  # advertised instead of the receiver's own
         self._owners: dict[str, Stage] = {}  # request -> the decode stage that streams it
         self._metrics = WorkerMetrics(self.unit_id)
         self._role = Role(role)
@@ -238,9 +239,19 @@ class RankWorker:
         if refusal is not None:
             return refusal
         try:
-            return stage.reserve(request_id, num_tokens, lease_s)
+            address = stage.reserve(request_id, num_tokens, lease_s)
         except Exception as e:  # out of pages, duplicate id: the scheduler's books were stale
             return WorkerError(f"{self.unit_id}: reserve failed: {type(e).__name__}: {e}")
+        return self._kv_address or address
+
+    def advertise_kv_address(self, address: str | None) -> None:
+        """Have senders reach this rank's KV receiver at ``address`` (a TCP proxy or NAT in
+        front of it; the e2e fault proxy); None: the receiver's own address again."""
+        self._kv_address = address
+
+    def kv_address(self) -> str | None:
+        """The KV receiver's own "host:port" (None: no receiver in this role)."""
+        return self._receiver.address if self._receiver is not None else None
 
     def start(self, job: DecodeJob) -> WorkerError | None:
         """Start decoding ``job`` (``first_token_id=None``: prefill it here first)."""
@@ -451,6 +462,8 @@ class RankWorker:
                 )
             )
         if stats.role in ("decode", "mixed"):
+            for rid in self._stage.take_abandoned():  # its ingress died: release it there too
+                self._scheduler.on_cancel.remote(rid)
             refs.append(
                 self._scheduler.update_decode.remote(
                     DecodeInstanceState(

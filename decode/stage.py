@@ -86,6 +86,7 @@ class DecodeStage:
         self._num_finished = 0
         self._next_maintenance = 0.0
         self._step_time = MeanMeter()
+        self._abandoned: list[str] = []  # ended here for want of a reader (see take_abandoned)
 
     # ---- API (any thread) -------------------------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> str:
@@ -161,6 +162,15 @@ class DecodeStage:
             self._streams.finish(request_id, "abort", error)
             if not is_busy:
                 self._free(seq)
+
+    def take_abandoned(self) -> list[str]:
+        """Requests this stage ended because nobody came for them (a reservation never
+        started, a stream nobody polled for ``reader_timeout_s``: the ingress that drove them
+        died), since the last call; the worker tells the scheduler, whose books still hold
+        them."""
+        with self._lock:
+            ids, self._abandoned = self._abandoned, []
+        return ids
 
     def stats(self) -> DecodeStats:
         with self._lock:
@@ -258,11 +268,13 @@ class DecodeStage:
         now = time.monotonic()
         if now >= self._next_maintenance:
             self._next_maintenance = now + _MAINTENANCE_INTERVAL_S
-            if self._reservations is not None:
-                self._reservations.expire()
+            expired = self._reservations.expire() if self._reservations is not None else []
             self._streams.collect_garbage()
-            for rid in self._streams.unread_since(now - self.config.reader_timeout_s):
+            unread = self._streams.unread_since(now - self.config.reader_timeout_s)
+            for rid in unread:
                 self.cancel(rid, f"no reader polled for {self.config.reader_timeout_s:g}s")
+            with self._lock:
+                self._abandoned += expired + unread
         return did_prefill or did_decode
 
     def _admit(self) -> None:

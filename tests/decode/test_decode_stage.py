@@ -141,6 +141,8 @@ def test_request_without_a_reader_is_cancelled(decode_engine, monkeypatch):
     out = stage.poll("gone", 0, timeout_s=0)
     assert out.finish_reason == "abort" and "no reader polled for 0.3s" in out.error
     assert len(out.token_ids) < 500
+    assert stage.take_abandoned() == ["gone"]  # for the scheduler's books
+    assert stage.take_abandoned() == []
     run_until_idle(stage)
     assert read_all(stage, "read").finish_reason == "length"  # its reader kept up
     assert allocator.num_free_pages == free_before
