@@ -24,6 +24,14 @@ from the first arrival to the last finish); prefix-hit rate (usage
 ``prompt_tokens_details.cached_tokens`` / prompt tokens); goodput (requests per second of
 makespan that finished with TTFT <= ``--slo-ttft`` and mean per-token ITL (TPOT) <=
 ``--slo-itl``). ``itl_p99_ratio`` and ``goodput_ratio`` are disagg / colocated.
+
+``--sweep 0.25,0.5,1,2`` measures goodput as DistServe defines it instead: for each layout
+(``--layouts``, default 1P+1D, 2 colocated and the P:D splits the planner may choose on 3
+instances: 2P+1D, 1P+2D) the trace is replayed at each rate scale, lowest first, and the
+layout's ``goodput_rps`` is the highest offered rate (requests / arrival span) at which >= 90%
+of requests meet both the TTFT and the TPOT SLO (a failed request meets neither); a layout stops
+at its first rate below 90%. ``goodput_ratio`` is the best disaggregated layout's over the best
+colocated one's, and the attainment curves are drawn to ``--plot`` (PNG).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +56,17 @@ from bench.trace import BenchRequest, TraceScale, build_requests, load_trace  # 
 
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "mooncake_conversation_trace.jsonl"
 MODEL_NAME = "k2-tiny"
+# The benchmark's own cluster: a fresh admin token for /admin/pools (read when an app is built).
+ADMIN_TOKEN = os.environ.setdefault("TIDAL_ADMIN_TOKEN", secrets.token_hex(16))
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# Layouts of the goodput sweep: name -> pool keys of ServeSettings.
+LAYOUTS = {
+    "1P+1D": {"prefill": 1, "decode": 1},
+    "colocated-2": {"colocated": 2},
+    "2P+1D": {"prefill": 2, "decode": 1},
+    "1P+2D": {"prefill": 1, "decode": 2},
+}
+GOODPUT_ATTAINMENT = 0.9  # DistServe: >= 90% of requests meet both SLOs
 
 
 # ---- one request, measured ---------------------------------------------------------------------
@@ -202,13 +223,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 # ---- deployments --------------------------------------------------------------------------------
 def mode_settings(mode: str, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """``ServeSettings`` keys of one mode; everything but the pools is the same in both."""
+    """``ServeSettings`` keys of one mode (``disagg``, ``colocated`` or a ``LAYOUTS`` name);
+    everything but the pools is the same in all."""
+    pools = LAYOUTS.get(mode) or (
+        {"prefill": 1, "decode": 1} if mode == "disagg" else {"colocated": 2}
+    )
+    num_instances = sum(pools.values())
     common: dict[str, Any] = {
         "model": str(model_dir),
         "model_name": MODEL_NAME,
-        "name": f"bench-{mode}",
+        "name": f"bench-{mode.replace('+', '-')}",
         "num_threads": 1,
-        "cpus_per_rank": args.ray_cpus / 2,
+        "cpus_per_rank": args.ray_cpus / num_instances,
         "num_pages": args.num_pages,
         "chunk_size": args.chunk_size,
         "mixed_token_budget": args.mixed_token_budget,
@@ -220,9 +246,7 @@ def mode_settings(mode: str, args: argparse.Namespace, model_dir: Path) -> dict[
         "health_interval_s": 1.0,
         "report_interval_s": 0.1,
     }
-    if mode == "disagg":
-        return {**common, "prefill": 1, "decode": 1}
-    return {**common, "colocated": 2}
+    return {**common, **pools}
 
 
 def deploy(port: int, settings: dict[str, Any]) -> str:
@@ -285,7 +309,7 @@ def run_mode(
         t = time.perf_counter()
         outcomes = asyncio.run(replay(url, reqs))
         print(f"[{mode}] done in {time.perf_counter() - t:.0f}s", flush=True)
-        pools = httpx.get(f"{url}/admin/pools", timeout=30).json()
+        pools = httpx.get(f"{url}/admin/pools", headers=ADMIN, timeout=30).json()
     finally:
         undeploy(settings["name"])
     report = summarize(outcomes, args.slo_ttft_ms / 1000.0, args.slo_itl_ms / 1000.0)
@@ -293,6 +317,92 @@ def run_mode(
         k: v for k, v in (pools.get("scheduler") or {}).items() if isinstance(v, int | float)
     }
     return report
+
+
+# ---- goodput sweep (DistServe) ------------------------------------------------------------------
+def attainment(outcomes: list[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> float:
+    """Share of all requests (failed ones included) meeting both the TTFT and TPOT SLO."""
+    good = [
+        o
+        for o in outcomes
+        if o.ok
+        and o.ttft_s is not None
+        and o.ttft_s <= slo_ttft_s
+        and (o.tpot_s is None or o.tpot_s <= slo_tpot_s)
+    ]
+    return len(good) / max(len(outcomes), 1)
+
+
+def sweep(args: argparse.Namespace, port: int, model_dir: Path, trace: list[Any]) -> dict[str, Any]:
+    """Every layout at every rate scale (lowest first, stopping below 90%): the curves and the
+    goodput of each layout."""
+    curves: dict[str, list[dict[str, Any]]] = {}
+    goodput: dict[str, float] = {}
+    for layout in args.layouts.split(","):
+        settings = mode_settings(layout, args, model_dir)
+        url = deploy(port, settings)
+        curves[layout] = []
+        goodput[layout] = 0.0
+        try:
+            warm_up(url)
+            for rate_scale in sorted(float(r) for r in args.sweep.split(",")):
+                scale = TraceScale(
+                    length_scale=args.length_scale,
+                    output_scale=args.output_scale,
+                    rate_scale=rate_scale,
+                    max_output=args.max_output,
+                    max_input=args.max_input,
+                )
+                reqs = build_requests(trace, scale)
+                rate = len(reqs) / max(reqs[-1].arrival_s, 1e-9)
+                outcomes = asyncio.run(replay(url, reqs))
+                share = attainment(outcomes, args.slo_ttft_ms / 1e3, args.slo_itl_ms / 1e3)
+                point = {
+                    "rate_scale": rate_scale,
+                    "rate_rps": round(rate, 4),
+                    "attainment": round(share, 4),
+                    **summarize(outcomes, args.slo_ttft_ms / 1e3, args.slo_itl_ms / 1e3),
+                }
+                curves[layout].append(point)
+                print(f"[{layout}] {rate:.3f} req/s: {share:.0%} meet both SLOs", flush=True)
+                if share < GOODPUT_ATTAINMENT:
+                    break
+                goodput[layout] = round(rate, 4)
+        finally:
+            undeploy(settings["name"])
+    disagg = [v for k, v in goodput.items() if "colocated" not in k]
+    colo = [v for k, v in goodput.items() if "colocated" in k]
+    best = max(goodput, key=goodput.get) if goodput else None
+    return {
+        "goodput_rps": goodput,
+        "goodput_ratio": ratio(max(disagg, default=None), max(colo, default=None)),
+        "best_layout": best,
+        "curves": curves,
+        "attainment_target": GOODPUT_ATTAINMENT,
+    }
+
+
+def plot_sweep(result: dict[str, Any], path: str, slo: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for layout, points in result["curves"].items():
+        xs = [p["rate_rps"] for p in points]
+        ys = [p["attainment"] for p in points]
+        ax.plot(xs, ys, marker="o", label=f"{layout} (goodput {result['goodput_rps'][layout]})")
+    ax.axhline(GOODPUT_ATTAINMENT, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("offered rate (requests/s)")
+    ax.set_ylabel("requests meeting TTFT and TPOT SLOs")
+    ax.set_title(f"tidal goodput, k2-tiny (TTFT <= {slo['ttft_ms']:.0f} ms, "
+                 f"TPOT <= {slo['tpot_ms']:.0f} ms)")  # fmt: skip
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -349,6 +459,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-local-threshold", type=int, default=0)
     p.add_argument("--admission-ttft-s", type=float, default=60.0, help="scheduler's SLO")
     p.add_argument("--modes", default="disagg,colocated")
+    p.add_argument("--sweep", help="rate scales of a goodput sweep, e.g. 0.25,0.5,1,2")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="layouts the sweep measures")
+    p.add_argument("--plot", default="bench/results/goodput.png", help="the sweep's PNG")
     args = p.parse_args(argv)
     if args.num_requests is None:
         args.num_requests = 60 if args.quick else 160
@@ -371,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         max_output=args.max_output,
         max_input=args.max_input,
     )
-    reqs = build_requests(load_trace(args.trace, args.num_requests), scale)
+    trace = load_trace(args.trace, args.num_requests)
+    reqs = build_requests(trace, scale)
     n_in = sum(len(r.prompt_ids) for r in reqs)
     n_out = sum(r.max_tokens for r in reqs)
     span = reqs[-1].arrival_s if reqs else 0.0
@@ -392,11 +506,26 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict[str, Any] = {}
     try:
-        for mode in args.modes.split(","):
-            results[mode] = run_mode(mode, args, port, model_dir, reqs)
+        if args.sweep:
+            result = sweep(args, port, model_dir, trace)
+        else:
+            for mode in args.modes.split(","):
+                results[mode] = run_mode(mode, args, port, model_dir, reqs)
     finally:
         serve.shutdown()
         ray.shutdown()
+    if args.sweep:
+        slo = {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_itl_ms}
+        plot_sweep(result, args.plot, slo)
+        report = {**result, "slo": slo, "plot": args.plot, "config": {
+            "command": " ".join(["python", "bench/serving.py", *(argv or sys.argv[1:])]),
+            "num_requests": len(reqs), "ray_cpus": args.ray_cpus,
+            "deployments": {m: mode_settings(m, args, model_dir) for m in args.layouts.split(",")},
+        }}  # fmt: skip
+        print(json.dumps({k: report[k] for k in ("goodput_rps", "goodput_ratio", "best_layout")}))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     disagg, colo = results.get("disagg", {}), results.get("colocated", {})
     report = {
         "disagg": disagg,
