@@ -245,6 +245,7 @@ def settings(args: argparse.Namespace, model_dir: Path, kv_tokens: int) -> dict[
         "decode_kv_tokens": kv_tokens,
         "prefill_token_budget": args.token_budget,
         "prefill_attention_tokens": args.attention_tokens,
+        "prefill_max_skipped_steps": args.max_skipped_steps,
         "decode_local_threshold": args.decode_local_threshold,
         "ttft_slo_s": 3600.0,  # measure, never shed: admission is not what is benchmarked
         "health_interval_s": 1.0,
@@ -263,7 +264,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--long-head-start-s", type=float, default=3.0)
     p.add_argument("--decode-local-threshold", type=int, default=1024)
     p.add_argument("--token-budget", type=int, default=2048, help="prefill_token_budget")
-    p.add_argument("--attention-tokens", type=int, default=2048, help="prefill_attention_tokens")
+    p.add_argument("--attention-tokens", type=int, default=1024, help="prefill_attention_tokens")
+    p.add_argument("--max-skipped-steps", type=int, default=8, help="prefill_max_skipped_steps")
     p.add_argument("--ray-cpus", type=float, default=2.0)
     p.add_argument("--models-dir", default=str(REPO / ".models"))
     args = p.parse_args(argv)

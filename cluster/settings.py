@@ -121,6 +121,9 @@ class ServeSettings(BaseModel):
         description="prefill step cost model: the context at which a token's attention costs "
         "as much as the rest of its layer (deeper chunks of a long prompt get fewer tokens)",
     )
+    prefill_max_skipped_steps: int = Field(
+        8, ge=1, description="a prompt passed over this many prefill steps in a row goes first"
+    )
     mixed_token_budget: int = Field(512, ge=1, description="prompt tokens per mixed step")
     max_unread_tokens: int = Field(256, ge=1)
     prefix_cache: bool = True
@@ -327,6 +330,7 @@ class ServeSettings(BaseModel):
             prefill_stage=PrefillConfig(
                 token_budget=self.prefill_token_budget,
                 attention_tokens=self.prefill_attention_tokens,
+                max_skipped_steps=self.prefill_max_skipped_steps,
                 enable_prefix_cache=self.prefix_cache,
             ),
             decode_stage=DecodeConfig(**stage, prefill_token_budget=self.mixed_token_budget),

@@ -73,7 +73,7 @@ class PrefillConfig:
     token_budget: int = 2048
     attention_tokens: int = 8192
     min_chunk_tokens: int = 64
-    max_skipped_steps: int = 3
+    max_skipped_steps: int = 8
     enable_prefix_cache: bool = True
     throughput_halflife_s: float = 10.0
 
