@@ -210,3 +210,38 @@ def test_the_planner_moves_instances_with_their_delays():
     # a moved instance serves in its new role only after the drain and role_move_s
     first = result.moves[0]
     assert cluster.serving_since(first["instance"]) >= first["time_s"] + 3.0
+
+
+def test_trace_hashes_share_what_real_prompts_share():
+    """bench/trace.py builds real token prompts from the same rows; hashed by the scheduler's
+    own function, two prompts share as many blocks as their simulated hashes do."""
+    import importlib.util
+    from pathlib import Path
+
+    from common.prefix import block_hashes
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "trace.py"
+    spec = importlib.util.spec_from_file_location("bench_trace", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    rows = _rows(30)
+    real = bench.build_requests(
+        [bench.TraceRow(*vars(r).values()) for r in rows],
+        bench.TraceScale(length_scale=1 / 8, max_input=10**6),
+    )
+    sim = build_requests(rows, TraceScale(length_scale=1 / 8), 64)
+
+    def shared(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    real_hashes = [block_hashes(r.prompt_ids, 64) for r in real]
+    for i in range(len(rows)):
+        assert len(real_hashes[i]) == len(sim[i].block_hashes)
+        for j in range(i):
+            assert shared(real_hashes[i], real_hashes[j]) == shared(
+                sim[i].block_hashes, sim[j].block_hashes
+            )
