@@ -183,6 +183,30 @@ def _sim(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure a simulator cost profile (k2-tiny, the real engine, this machine)",
+        description="Time prefill and decode of the real Engine on k2-tiny and write a profile "
+        "for tidal sim (runs bench/sim_fidelity.py --profile-only; needs a source checkout).",
+    )
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    p.set_defaults(func=_profile)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "sim_fidelity.py"
+    if not script.is_file():
+        print(f"tidal profile needs a source checkout: {script} not found", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, str(script), "--profile-only", "--profile-out", args.out]
+    return subprocess.call(cmd + (["--quick"] if args.quick else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidal", description="Disaggregated prefill/decode serving for Kimi-K2-class models."
@@ -192,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_plan(sub)
     _add_sim(sub)
+    _add_profile(sub)
     add_pools_parser(sub)
     add_eplb_parser(sub)
     return parser
