@@ -274,6 +274,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-len", type=int, default=256)
     p.add_argument("--routing", choices=ROUTINGS, default="cache-aware")
     p.add_argument(
+        "--prefix-cache-tokens", type=int,
+        help="prefix-cache capacity per prefill instance (default: the profile's)",
+    )  # fmt: skip
+    p.add_argument(
         "--planner", choices=("off", "auto"), default="off",
         help="auto: the planner moves instances between the pools while the trace runs",
     )  # fmt: skip
@@ -290,6 +294,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not args.colocated and (args.prefill < 1 or args.decode < 1):
         raise ValueError("give --prefill N and --decode M (both >= 1), or --colocated N")
     profile = load_profile(args.profile)
+    if args.prefix_cache_tokens is not None:
+        cache = replace(profile.prefill, prefix_cache_tokens=args.prefix_cache_tokens)
+        profile = replace(profile, prefill=cache)
     rows = load_trace(args.trace, args.num_requests)
     if not rows:
         raise ValueError(f"trace {args.trace} has no rows")
