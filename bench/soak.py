@@ -26,8 +26,8 @@ Steps (one local Ray cluster, ``--ray-cpus`` CPUs, one Serve application):
    Retry-After, is a failure of the overload check.
 6. Recovery: probes at the sustainable rate from the end of the overload; ``recovery_s`` is
    the send time (after the overload's last arrival) of the first probe from which every
-   probe of the next ``--recovery-window-s`` completed within twice the calibrated probe
-   latency.
+   probe of the next ``--recovery-window-s`` completed within 1.5x the p90 latency the probe
+   had during the warm-up (at the sustainable rate: "full speed").
 
 Prints a table; ``--json`` gets ``requests_by_outcome``, ``lost_requests``, ``pages_leaked``,
 ``rss_growth_mb``, ``recovery_s``, the overload's outcomes and the configuration.
@@ -276,6 +276,7 @@ def settings_of(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "cpus_per_rank": args.ray_cpus / 2,
         "num_pages": 256,
         "decode_local_threshold": 64,  # short prompts prefill on decode: both paths run
+        "max_batch_size": args.max_batch_size,
         "num_ingress_replicas": args.ingress_replicas,
         "health_interval_s": 1.0,
         "report_interval_s": 0.2,
@@ -384,8 +385,18 @@ def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     print(f"calibrated: {measured:.2f} req/s closed-loop; soak rate {rate:.2f} req/s; "
           f"probe {probe_s * 1000:.0f} ms", flush=True)  # fmt: skip
     report["calibration"] = {"closed_loop_rps": measured, "soak_rps": rate, "probe_s": probe_s}
-    # 2. warm up, then RSS
-    asyncio.run(open_loop(url, rate, args.warmup_s, rng, make_req))
+    # 2. warm up (with probes: their latency at the sustainable rate is "full speed"), then RSS
+
+    async def warm_up() -> list[Result]:
+        probes = asyncio.create_task(
+            open_loop(url, 1.0, args.warmup_s, random.Random(args.seed + 3), lambda _: probe_req())
+        )
+        await open_loop(url, rate, args.warmup_s, rng, make_req)
+        return await probes
+
+    loaded = sorted(r.latency_s for r in asyncio.run(warm_up()) if r.outcome == "completed")
+    limit_s = 1.5 * loaded[int(0.9 * (len(loaded) - 1))] if loaded else 2 * probe_s
+    report["calibration"]["probe_p90_at_soak_rate_s"] = limit_s / 1.5
     settle(url, args.settle_s)
     rss_before = process_rss_mb()
     # 3. soak
@@ -412,7 +423,7 @@ def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         )
         await asyncio.sleep(args.overload_s)
         probes = await open_loop(
-            url, rate, args.recovery_window_s * 2 + 10, random.Random(args.seed + 2),
+            url, rate, max(30.0, 3 * args.recovery_window_s), random.Random(args.seed + 2),
             lambda _: probe_req(),
         )  # fmt: skip
         return await over, probes
@@ -426,8 +437,8 @@ def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         **o,
         "kept_answering": not bad_5xx,
     }
-    report["recovery_limit_s"] = 2 * probe_s
-    report["recovery_s"] = recovery_s(probes, 2 * probe_s, args.recovery_window_s)
+    report["recovery_limit_s"] = limit_s
+    report["recovery_s"] = recovery_s(probes, limit_s, args.recovery_window_s)
     report["probes"] = summarize(probes)["requests_by_outcome"]
     held, active, _ = settle(url, args.settle_s)
     report["pages_leaked_after_overload"] = held
@@ -466,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overload-factor", type=float, default=10.0)
     p.add_argument("--recovery-window-s", type=float, default=5.0)
     p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument(
+        "--max-batch-size", type=int, default=16, help="decode batch (sized for 2 CPU cores)"
+    )
     p.add_argument("--ray-cpus", type=float, default=2.0)
     p.add_argument("--models-dir", default=str(REPO / ".models"))
     p.add_argument("--seed", type=int, default=0)

@@ -193,6 +193,7 @@ def test_ingress_replica_killed_mid_stream(url, proxy, reference_engine):
     failed = [o for o in outs if "error" in o]
     done = [(o, e) for o, e in zip(outs, expected, strict=True) if "error" not in o]
     assert 1 <= len(failed) <= ongoing[victim], (ongoing, outs)
+    print("streams of the dead replica ended with:", [o["error"] for o in failed])
     for o, e in done:  # the other replica's streams are untouched
         assert o["ids"] == e and o["finish"] == "length"
     # the surviving replica (and Serve's replacement) keep serving
