@@ -101,7 +101,7 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
             ADD_WHICH,
             PanelSpec(
                 "Planner: why",
-                (Query(f'max by (reason) ({m("tidal_planner_reason")}) == 1', "{{reason}}"),),
+                (Query(f"max by (reason) ({m('tidal_planner_reason')}) == 1", "{{reason}}"),),
                 kind="stat",
                 width=6,
                 height=5,
@@ -115,7 +115,9 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                 kind="stat",
                 width=6,
                 height=5,
-                description="Busy fraction of the step loops, per pool (measured by the workers).",
+                description="Busy fraction of the step loops, per pool (measured by the workers); "
+                "for one rate window after a move the moved instance's busy time still counts in "
+                "its old pool.",
             ),
             PanelSpec(
                 "Queue wait p90 by pool",
@@ -328,12 +330,7 @@ def build_pd_dashboard():
     )
     for name, expr, color in ANNOTATIONS:
         board = board.annotation(
-            db.AnnotationQuery()
-            .name(name)
-            .datasource(ds)
-            .expr(expr)
-            .enable(True)
-            .icon_color(color)
+            db.AnnotationQuery().name(name).datasource(ds).expr(expr).enable(True).icon_color(color)
         )
     for row_title, specs in ROWS:
         board = board.with_row(db.Row(row_title))
