@@ -226,6 +226,9 @@ class PrefillStage:
                 for skipped in order[i:]:
                     skipped.num_skipped += 1
                 break
+            if num_tokens and self._min_cost(task) > budget:
+                task.num_skipped += 1  # its smallest chunk would overrun the step
+                continue
             if not self._claim(task):
                 continue
             try:
@@ -254,6 +257,10 @@ class PrefillStage:
             return -starving, t.num_prompt - t.num_computed
 
         return sorted(tasks, key=key)
+
+    def _min_cost(self, task: _Task) -> float:
+        """Cost of the smallest chunk ``task`` may take next."""
+        return self.config.chunk_cost(task.num_computed, self.config.min_chunk_tokens)
 
     def _claim(self, task: _Task) -> bool:
         """Mark ``task`` as the one inside an engine call; False if it left the queue."""
