@@ -50,12 +50,26 @@ class _Admin(BaseHTTPRequestHandler):
     snapshot = {
         "targets": {"prefill": 1, "decode": 2, "mixed": 0},
         "instances": [
-            {"instance_id": "i0", "role": "prefill", "state": "serving", "num_ranks": 1,
-             "stats": {"num_used_pages": 3, "num_free_pages": 61, "num_running": 0,
-                       "num_queued": 1}},
+            {
+                "instance_id": "i0",
+                "role": "prefill",
+                "state": "serving",
+                "num_ranks": 1,
+                "stats": {
+                    "num_used_pages": 3,
+                    "num_free_pages": 61,
+                    "num_running": 0,
+                    "num_queued": 1,
+                },
+            },
         ],  # fmt: skip
-        "recommendation": {"num_prefill": 2, "num_decode": 1, "why": "prefill_bound",
-                           "prefill_utilization": 0.8, "decode_utilization": 0.1},  # fmt: skip
+        "recommendation": {
+            "num_prefill": 2,
+            "num_decode": 1,
+            "why": "prefill_bound",
+            "prefill_utilization": 0.8,
+            "decode_utilization": 0.1,
+        },  # fmt: skip
         "planner": {"mode": "manual", "decision": {"action": "manual", "reason": "one"}},
         "last_error": None,
     }
