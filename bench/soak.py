@@ -277,6 +277,7 @@ def settings_of(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "num_pages": 256,
         "decode_local_threshold": 64,  # short prompts prefill on decode: both paths run
         "max_batch_size": args.max_batch_size,
+        "max_queue_len": args.max_queue_len,
         "num_ingress_replicas": args.ingress_replicas,
         "health_interval_s": 1.0,
         "report_interval_s": 0.2,
@@ -486,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ingress-replicas", type=int, default=1)
     p.add_argument(
         "--max-batch-size", type=int, default=16, help="decode batch (sized for 2 CPU cores)"
+    )
+    p.add_argument(
+        "--max-queue-len", type=int, default=256, help="scheduler queue (the setting's default)"
     )
     p.add_argument("--ray-cpus", type=float, default=2.0)
     p.add_argument("--models-dir", default=str(REPO / ".models"))
