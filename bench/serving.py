@@ -375,6 +375,11 @@ def sweep(args: argparse.Namespace, port: int, model_dir: Path, trace: list[Any]
     best = max(goodput, key=goodput.get) if goodput else None
     return {
         "goodput_rps": goodput,
+        # a layout that met the SLOs at every rate tried: its goodput is only a lower bound
+        "goodput_is_lower_bound": {
+            k: bool(v) and all(p["attainment"] >= GOODPUT_ATTAINMENT for p in curves[k])
+            for k, v in goodput.items()
+        },
         "goodput_ratio": ratio(max(disagg, default=None), max(colo, default=None)),
         "best_layout": best,
         "curves": curves,
