@@ -200,7 +200,7 @@ class PoolMetrics:
         self.balancedness = Gauge(
             "tidal_eplb_balancedness",
             "mean / max rank load per MoE layer over the last window (EPLB)",
-            ("instance_id", "layer"),
+            ("tidal_instance", "layer"),
         )
         self.rebalances = Counter(
             "tidal_eplb_rebalances_total", "EPLB rounds by outcome", ("outcome",)
@@ -222,10 +222,11 @@ class PoolMetrics:
         outcome = "failed" if result.error else ("moved" if result.num_moved_slots else "kept")
         self.rebalances.inc(1.0, {"outcome": outcome})
         for layer, b in enumerate(result.balancedness_after):
-            self.balancedness.set(b, {"instance_id": result.instance_id, "layer": str(layer)})
+            self.balancedness.set(b, {"tidal_instance": result.instance_id, "layer": str(layer)})
         if result.num_moved_slots:
             self.moved_slots.inc(float(result.num_moved_slots))
-            self.moved_bytes.inc(float(result.bytes_read))
+            if result.bytes_read:  # 0 when every moved slot took an expert the rank held
+                self.moved_bytes.inc(float(result.bytes_read))
             self.rebalance_s.set(result.seconds)
             self.rebalance_longest_step.set(result.longest_step_s)
             if result.step_ratio is not None:
