@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.trace import BenchRequest, TraceScale, build_requests, load_trace  # noqa: E402
+from scheduler.sim.report import percentile  # noqa: E402
 
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "mooncake_conversation_trace.jsonl"
 MODEL_NAME = "k2-tiny"
@@ -161,17 +162,6 @@ async def replay(url: str, requests: list[BenchRequest]) -> list[Outcome]:
 
 
 # ---- figures ------------------------------------------------------------------------------------
-def percentile(xs: list[float], q: float) -> float | None:
-    """The q-th percentile (0..100) with linear interpolation; None for no samples."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def summarize(outcomes: list[Outcome], slo_ttft_s: float, slo_itl_s: float) -> dict[str, Any]:
     """The report of one mode (latencies in ms)."""
     done = [o for o in outcomes if o.ok]

@@ -10,23 +10,13 @@ the same block of ``block_tokens`` ids drawn from a generator seeded by ``h``. P
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
+
+from scheduler.sim.trace import TraceRow, load_trace  # noqa: F401 - the one reader of the trace
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake traces
 NUM_REGULAR_TOKENS = 496  # ids >= 496 are the tiny tokenizer's special tokens
-
-
-@dataclass(frozen=True)
-class TraceRow:
-    """One request of the trace, as recorded."""
-
-    timestamp_ms: int
-    input_length: int
-    output_length: int
-    hash_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -59,33 +49,6 @@ class BenchRequest:
     arrival_s: float
     prompt_ids: list[int]
     max_tokens: int
-
-
-def load_trace(path: str | Path, num_requests: int | None = None) -> list[TraceRow]:
-    """The first ``num_requests`` rows of a JSONL trace (all of them for None)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"trace {path} not found; pass --trace PATH to a Mooncake-format JSONL file "
-            "(timestamp, input_length, output_length, hash_ids per line)"
-        )
-    rows: list[TraceRow] = []
-    with path.open() as f:
-        for line in f:
-            if num_requests is not None and len(rows) >= num_requests:
-                break
-            if not line.strip():
-                continue
-            d = json.loads(line)
-            rows.append(
-                TraceRow(
-                    int(d["timestamp"]),
-                    int(d["input_length"]),
-                    int(d["output_length"]),
-                    tuple(int(h) for h in d["hash_ids"]),
-                )
-            )
-    return rows
 
 
 def block_ids(hash_id: int, block_tokens: int) -> list[int]:
