@@ -2,8 +2,9 @@
 
 A sequence owns a list of pages (its block table); token ``p`` of the sequence lives in page
 ``block_table[p // page_size]`` at offset ``p % page_size``. Pages are reference counted so the
-prefix cache can share full pages between sequences: a page returns to the free list only when
-its last holder releases it.
+prefix cache can share full pages between sequences, and the ``n`` choices of one request can
+share their prompt's pages (``fork``): a page returns to the free list only when its last holder
+releases it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ from collections.abc import Hashable, Sequence
 
 class OutOfPagesError(RuntimeError):
     """Not enough free pages for a reservation."""
+
+
+def num_fork_pages(prompt_len: int, num_tokens: int, page_size: int) -> int:
+    """Private pages of one forked choice: everything after the prompt's full pages (the
+    partially filled last prompt page is copied, so each choice writes its own)."""
+    return -(-num_tokens // page_size) - prompt_len // page_size
+
+
+def pages_for_choices(prompt_len: int, num_tokens: int, num_choices: int, page_size: int) -> int:
+    """Pages ``num_choices`` choices of one prompt hold when they share its full pages: one
+    whole reservation of ``num_tokens`` plus a private tail per further choice."""
+    tail = num_fork_pages(prompt_len, num_tokens, page_size)
+    return -(-num_tokens // page_size) + (num_choices - 1) * tail
 
 
 class PageAllocator:
@@ -95,7 +109,18 @@ class PageAllocator:
             return 0
         return self.release(table)
 
-    # ---- sharing (prefix cache) -------------------------------------------------------------
+    def fork(
+        self, seq_id: Hashable, child_id: Hashable, num_tokens: int, prompt_len: int
+    ) -> list[int]:
+        """Reserve ``num_tokens`` tokens for ``child_id``, another choice of ``seq_id``'s prompt:
+        the prompt's full pages are shared (ref counted), every later page is the child's own.
+        The prompt's partially filled last page is copy-on-write: the caller copies its rows
+        into the child's page (``PagedLatentCache.copy_tokens``) before the child writes there.
+        """
+        shared = self._tables[seq_id][: prompt_len // self.page_size]
+        return self.allocate(child_id, num_tokens, shared_pages=shared)
+
+    # ---- sharing (prefix cache, forks) ------------------------------------------------------
     def retain(self, pages: Sequence[int]) -> None:
         for p in pages:
             assert self._ref[p] > 0, f"retain of unheld page {p}"

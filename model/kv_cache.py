@@ -182,6 +182,16 @@ class PagedLatentCache:
         slots = self.slots(seq_id, start, start + c_kv.shape[0])
         self._flat(layer)[slots] = self.pack(c_kv, k_pe)
 
+    def copy_tokens(self, src_id: Hashable, dst_id: Hashable, start: int, end: int) -> None:
+        """Copy tokens [start, end) of ``src_id``'s KV, every layer, into the same positions of
+        ``dst_id``: the copy-on-write of a forked choice's partially filled prompt page."""
+        if end <= start:
+            return
+        src, dst = self.slots(src_id, start, end), self.slots(dst_id, start, end)
+        for layer in range(self.num_layers):
+            flat = self._flat(layer)
+            flat[dst] = flat[src]
+
     def read(
         self, seq_id: Hashable, layer: int, end: int, start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:

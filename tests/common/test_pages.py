@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.pages import OutOfPagesError, PageAllocator
+from common.pages import OutOfPagesError, PageAllocator, num_fork_pages, pages_for_choices
 
 
 def test_allocate_and_free_return_every_page():
@@ -62,3 +62,35 @@ def test_freed_runs_come_back_as_ascending_runs():
     again = [a.allocate(i, 64) for i in range(3)]
     assert all(t == list(range(t[0], t[0] + 4)) for t in again)
     assert sorted(p for t in again for p in t) == list(range(12))
+
+
+def test_fork_shares_full_prompt_pages_and_frees_them_with_the_last_holder():
+    a = PageAllocator(num_pages=20, page_size=16)
+    parent = a.allocate("c0", 40 + 20)  # prompt of 40 tokens (2 full pages + 8) + 20 output
+    children = [a.fork("c0", f"c{i}", 60, prompt_len=40) for i in (1, 2)]
+    for table in children:
+        assert table[:2] == parent[:2]  # the full prompt pages are shared
+        assert not set(table[2:]) & set(parent) and len(table) == len(parent)
+    assert not set(children[0][2:]) & set(children[1][2:])
+    assert [a.ref_count(p) for p in parent[:2]] == [3, 3]
+    assert a.num_used_pages == len(parent) + 2 * (len(parent) - 2)
+    assert a.free("c0") == len(parent) - 2  # the parent's tail only: its siblings share the rest
+    assert a.free("c1") == len(parent) - 2
+    assert a.free("c2") == len(parent)  # the last holder returns the shared pages too
+    assert a.num_free_pages == 20
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "num_tokens", "num_choices", "expected"),
+    [(40, 60, 1, 4), (40, 60, 3, 4 + 2 * 2), (32, 33, 3, 3 + 2 * 1), (10, 20, 2, 2 + 2)],
+)
+def test_pages_for_choices_matches_what_forks_take(prompt_len, num_tokens, num_choices, expected):
+    assert pages_for_choices(prompt_len, num_tokens, num_choices, 16) == expected
+    a = PageAllocator(num_pages=64, page_size=16)
+    a.allocate(0, num_tokens)
+    for i in range(1, num_choices):
+        a.fork(0, i, num_tokens, prompt_len)
+    assert a.num_used_pages == expected
+    assert num_fork_pages(prompt_len, num_tokens, 16) * (num_choices - 1) == expected - (
+        a.pages_needed(num_tokens)
+    )

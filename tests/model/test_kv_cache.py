@@ -35,3 +35,24 @@ def test_engine_cache_matches_its_config(tiny_model_dir):
     assert eng.cache.num_pages == 7  # ceil(100 / 16)
     assert eng.cache.bytes_per_token == bytes_per_token("fp8", c.kv_lora_rank, c.qk_rope_head_dim)
     assert all(p.shape == (7, 16, eng.cache.bytes_per_token) for p in eng.cache.pages)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
+def test_copy_tokens_gives_a_fork_its_own_copy_of_the_partial_page(fmt):
+    torch.manual_seed(0)
+    cache = PagedLatentCache(2, kv_lora_rank=128, rope_dim=16, num_pages=8, page_size=4, fmt=fmt)
+    cache.allocator.allocate("p", 10)  # prompt of 6 tokens: one full page, 2 in the second
+    c_kv, k_pe = torch.randn(6, 128), torch.randn(6, 16)
+    for layer in range(2):
+        cache.write("p", layer, 0, c_kv * (layer + 1), k_pe)
+    cache.allocator.fork("p", "c", 10, prompt_len=6)
+    cache.copy_tokens("p", "c", 4, 6)  # the partial page's filled rows
+    for layer in range(2):
+        child, parent = cache.read("c", layer, 6), cache.read("p", layer, 6)
+        assert torch.equal(child[0], parent[0]) and torch.equal(child[1], parent[1])
+    # the child writes its own token 6 without touching the parent's page
+    before = cache.read("p", 0, 6)
+    cache.write("c", 0, 6, torch.ones(1, 128), torch.ones(1, 16))
+    assert cache.allocator.block_table("c")[1] != cache.allocator.block_table("p")[1]
+    after = cache.read("p", 0, 6)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
