@@ -125,7 +125,7 @@ class Scheduler:
         decoders = [i for i in self._books.instances.values() if i.can_decode]
         if not decoders:
             return self._reject(spec, 503, "no_instances", "no decode or mixed instance is up")
-        num_pages = self.config.pages_needed(spec.num_tokens)
+        num_pages = spec.num_pages(self.config.page_size)
         largest = max((i.decode.num_total_pages for i in decoders if i.decode), default=0)
         if largest < num_pages:
             return self._reject(
@@ -155,7 +155,7 @@ class Scheduler:
         out: list[RouteDecision | Rejection] = []
         waiting, self._queue = self._queue, deque()
         for w in waiting:
-            num_pages = self.config.pages_needed(w.spec.num_tokens)
+            num_pages = w.spec.num_pages(self.config.page_size)
             option = self._best_option(w.spec, num_pages, require_pages=True)
             if option is not None:
                 out.append(self._commit(w.spec, option, num_pages))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from common.pages import pages_for_choices
 from common.prefix import block_hashes
 
 
@@ -63,24 +64,38 @@ def _freeze_hashes(state: PrefillInstanceState | DecodeInstanceState) -> None:
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """What the scheduler needs to know about one request (the prompt itself stays at ingress)."""
+    """What the scheduler needs to know about one request (the prompt itself stays at ingress).
+
+    ``num_choices``: the request's ``n`` choices share one prefill and the prompt's full KV
+    pages on one decode instance; each further choice adds only its private tail of pages.
+    """
 
     request_id: str
     prompt_len: int
     max_tokens: int
     block_hashes: tuple[int, ...] = ()  # prefix.block_hashes(prompt_ids, config.block_size)
+    num_choices: int = 1
 
     @classmethod
     def from_token_ids(
-        cls, request_id: str, prompt_ids: Sequence[int], max_tokens: int, block_size: int = 64
+        cls,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        block_size: int = 64,
+        num_choices: int = 1,
     ) -> RequestSpec:
         hashes = tuple(block_hashes(prompt_ids, block_size))
-        return cls(request_id, len(prompt_ids), max_tokens, hashes)
+        return cls(request_id, len(prompt_ids), max_tokens, hashes, num_choices)
 
     @property
     def num_tokens(self) -> int:
-        """Prompt + max_tokens: what the decode instance must hold."""
+        """Prompt + max_tokens: the context of each choice."""
         return self.prompt_len + self.max_tokens
+
+    def num_pages(self, page_size: int) -> int:
+        """Decode KV pages the request holds: one prompt and ``num_choices`` tails."""
+        return pages_for_choices(self.prompt_len, self.num_tokens, self.num_choices, page_size)
 
 
 @dataclass(frozen=True)
