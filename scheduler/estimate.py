@@ -4,6 +4,13 @@ TTFT of a request on a prefill instance = queue wait + prefill of its uncached t
 of its whole prompt's KV to the decode instance. The transfer term is added in full although the
 KV is streamed per layer while prefill runs, so the estimate is an upper bound (conservative
 admission); for colocated and decode-local prefill there is no transfer.
+
+The request then needs a slot in the decode instance's batch (``max_batch_size``); when every
+slot is taken it waits in the decode stage's queue, first token out but no second one. Admission
+counts that wait (``slot_wait_s``): a disaggregated request decodes once both its first token and
+a slot are there; a local (decode-local or mixed) prefill takes its slot before it starts, so the
+wait comes before its queue. Without it, a full batch admits work by free pages alone, and the
+decode queue grows to whatever the pages hold (seconds of backlog behind every new request).
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ class TTFTEstimate:
     prefill_s: float
     transfer_s: float
     num_cached_tokens: int
+    slot_wait_s: float = 0.0  # until a decode batch slot is free (overlaps the prefill)
 
     @property
     def total_s(self) -> float:
-        return self.queue_s + self.prefill_s + self.transfer_s
+        """Until the request decodes: its first token, and a batch slot to continue in."""
+        return max(self.queue_s + self.prefill_s + self.transfer_s, self.slot_wait_s)
 
     @property
     def no_queue_s(self) -> float:
@@ -57,8 +66,10 @@ def estimate_ttft(
     *,
     with_transfer: bool,
     extra_queue_s: float = 0.0,
+    slot_wait_s: float = 0.0,
 ) -> TTFTEstimate:
-    """TTFT on one instance that prefills at ``tokens_per_s`` behind ``num_queued_tokens``."""
+    """TTFT on one instance that prefills at ``tokens_per_s`` behind ``num_queued_tokens``
+    (and ``extra_queue_s``); ``slot_wait_s`` until the decode instance has a batch slot."""
     assert tokens_per_s > 0, "prefill throughput must be positive"
     uncached = prompt_len - num_cached_tokens
     return TTFTEstimate(
@@ -66,6 +77,7 @@ def estimate_ttft(
         prefill_s=uncached / tokens_per_s,
         transfer_s=config.transfer_s(prompt_len) if with_transfer else 0.0,
         num_cached_tokens=num_cached_tokens,
+        slot_wait_s=slot_wait_s,
     )
 
 
@@ -85,9 +97,9 @@ def decode_score(
 
 
 def page_wait_s(num_pages_short: int, releases: Sequence[tuple[float, int]]) -> float | None:
-    """Seconds until ``num_pages_short`` more pages are free, given running requests' estimated
-    ``(seconds_until_finish, pages)``; None if they never free enough. An upper bound: requests
-    usually stop (EOS) before max_tokens."""
+    """Seconds until ``num_pages_short`` more pages are free, given the requests' estimated
+    ``(seconds_until_finish, pages)`` (``Ledger.decode_timeline``); None if they never free
+    enough."""
     if num_pages_short <= 0:
         return 0.0
     freed = 0

@@ -9,6 +9,8 @@ depended on it. Every counter here returns to zero when every request is release
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -138,14 +140,27 @@ class Ledger:
             assert d.num_reserved_pages >= 0 and d.num_assigned >= 0, f"books of {d.instance_id}"
         return True
 
-    def releases(self, decode_id: str, now: float, step_s: float) -> list[tuple[float, int]]:
-        """(estimated seconds until finish, pages) of each request decoding on ``decode_id``,
-        assuming it runs to max_tokens at ``step_s`` per token."""
-        return [
-            (r.decode_start_s + r.spec.max_tokens * step_s - now, r.num_pages)
-            for r in self.reservations.values()
-            if r.decode_id == decode_id
-        ]
+    def decode_timeline(
+        self, decode_id: str, step_s: float, max_batch_size: int
+    ) -> tuple[list[tuple[float, int]], float]:
+        """``(ends, slot_free_s)`` of ``decode_id``, on the scheduler clock: when each request
+        routed there finishes (with its pages), and when a batch slot is next free for one more.
+        The requests take the ``max_batch_size`` slots in the order they start decoding (first
+        token: estimated, then actual), each for ``max_tokens`` steps of ``step_s``; a request
+        whose first token is out waits for a slot like any other (the decode stage's queue).
+        An upper bound: requests usually stop (EOS) before max_tokens. ``slot_free_s`` is
+        -inf while a slot is free."""
+        slots: list[float] = []  # heap: when each busy slot frees
+        ends = []
+        requests = [r for r in self.reservations.values() if r.decode_id == decode_id]
+        for r in sorted(requests, key=lambda r: r.decode_start_s):
+            start = r.decode_start_s
+            if len(slots) >= max_batch_size:
+                start = max(start, heapq.heappop(slots))
+            end = start + r.spec.max_tokens * step_s
+            heapq.heappush(slots, end)
+            ends.append((end, r.num_pages))
+        return ends, slots[0] if len(slots) >= max_batch_size else -math.inf
 
     def _release_prefill(self, r: Reservation) -> None:
         r.is_prefill_done = True

@@ -241,13 +241,14 @@ class Scheduler:
             if is_short or not prefills:
                 options.append(_Option(None, d_id, local, d_score))
             if not is_short:
+                slot_wait = self._slot_wait(self._books.instances[d_id])
                 for p in prefills:
-                    ttft = self._prefill_ttft(spec, p, with_transfer=True)
+                    ttft = self._prefill_ttft(spec, p, slot_wait, with_transfer=True)
                     options.append(_Option(p.instance_id, d_id, ttft, d_score))
         for m in self._books.instances.values():
             if m.role is Role.MIXED and m.decode is not None:
                 if m.num_free_pages >= num_pages or not require_pages:
-                    ttft = self._prefill_ttft(spec, m, with_transfer=False)
+                    ttft = self._prefill_ttft(spec, m, self._slot_wait(m), with_transfer=False)
                     options.append(
                         _Option(m.instance_id, m.instance_id, ttft, self._score(m, num_pages))
                     )
@@ -275,8 +276,10 @@ class Scheduler:
         )  # fmt: skip
 
     def _prefill_ttft(
-        self, spec: RequestSpec, p: InstanceBook, with_transfer: bool
+        self, spec: RequestSpec, p: InstanceBook, slot_wait_s: float, with_transfer: bool
     ) -> TTFTEstimate:
+        """On prefill instance ``p`` (a mixed instance: ``with_transfer=False``, and its prefill
+        waits for the slot), decoding where a batch slot frees in ``slot_wait_s``."""
         reported = p.prefill or PrefillInstanceState(p.instance_id)
         cached = cached_prefix_tokens(
             spec.block_hashes, spec.prompt_len, self.config.block_size,
@@ -287,6 +290,8 @@ class Scheduler:
             max(reported.num_queued_tokens, p.num_pending_tokens),
             reported.prefill_tokens_per_s or self.config.default_prefill_tokens_per_s,
             self.config, with_transfer=with_transfer,
+            extra_queue_s=0.0 if with_transfer else slot_wait_s,
+            slot_wait_s=slot_wait_s if with_transfer else 0.0,
         )  # fmt: skip
 
     def _local_ttft(self, spec: RequestSpec, d_id: str) -> TTFTEstimate:
@@ -298,11 +303,22 @@ class Scheduler:
             spec.block_hashes, spec.prompt_len, self.config.block_size,
             d.decode.cached_block_hashes, d.pending_hashes, d.recent_hashes,
         )  # fmt: skip
-        # Local prefill interleaves with decode steps: one step of delay before it starts.
+        # Local prefill takes a batch slot, then interleaves with decode steps: one step of
+        # delay before it starts.
         return estimate_ttft(
             spec.prompt_len, cached, d.num_pending_tokens, tps, self.config,
-            with_transfer=False, extra_queue_s=step_s,
+            with_transfer=False, extra_queue_s=self._slot_wait(d) + step_s,
         )  # fmt: skip
+
+    def _slot_wait(self, d: InstanceBook) -> float:
+        """Seconds until decode instance ``d`` has a batch slot for one more request."""
+        _, slot_free_s = self._timeline(d)
+        return max(slot_free_s - self.clock(), 0.0)
+
+    def _timeline(self, d: InstanceBook) -> tuple[list[tuple[float, int]], float]:
+        assert d.decode is not None
+        step_s = d.decode.decode_step_s or self.config.default_decode_step_s
+        return self._books.decode_timeline(d.instance_id, step_s, d.decode.max_batch_size)
 
     # ---- queueing -----------------------------------------------------------------------------
     def _enqueue(self, spec: RequestSpec, num_pages: int) -> Queued | Rejection:
@@ -335,8 +351,8 @@ class Scheduler:
         for d in self._books.instances.values():
             if d.decode is None or d.decode.num_total_pages < num_pages:
                 continue
-            step_s = d.decode.decode_step_s or self.config.default_decode_step_s
-            releases = self._books.releases(d.instance_id, now, step_s)
+            ends, _ = self._timeline(d)
+            releases = [(end - now, pages) for end, pages in ends]
             wait = page_wait_s(num_pages - d.num_free_pages, releases)
             if wait is not None:
                 waits.append(wait)

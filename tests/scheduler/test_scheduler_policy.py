@@ -1,5 +1,6 @@
 """Routing, TTFT estimates, admission (400/429/503) and reservation bookkeeping of Scheduler."""
 
+import math
 import random
 
 import pytest
@@ -209,6 +210,81 @@ def test_429_no_pages_when_running_requests_free_too_late():
     s.route(spec("long", prompt(1, 1000), max_tokens=10_000))  # ~ 500 s of decode
     r = s.route(spec("r", prompt(2, 1000), max_tokens=1000))
     assert isinstance(r, Rejection) and r.reason == "no_pages" and r.retry_after_s > 400
+
+
+def full_batch(clock: Clock, max_tokens: int, **config_kw) -> Scheduler:
+    """One prefill and one decode instance (batch of 2, 0.1 s steps) whose two slots are
+    taken by requests that decode ``max_tokens`` tokens from now."""
+    s = make(num_prefill=1, clock=clock, **{"decode_local_threshold": 0, **config_kw})
+    s.update_decode(DecodeInstanceState("d0", 1000, 1000, max_batch_size=2, decode_step_s=0.1))
+    for rid in ("a", "b"):
+        assert isinstance(s.route(spec(rid, prompt(1, 100), max_tokens)), RouteDecision)
+        assert s.on_prefill_done(rid)  # decoding from now
+    return s
+
+
+def test_429_when_the_decode_batch_stays_full_past_the_slo():
+    clock = Clock()
+    s = full_batch(clock, max_tokens=100, ttft_slo_s=2.0)  # both decode for 10 s
+    r = s.route(spec("c", prompt(2, 100)))
+    # Pages are plentiful and the prefill idle: only the full batch stands in the way.
+    assert isinstance(r, Rejection) and r.status == 429 and r.reason == "slo"
+    assert r.retry_after_s == pytest.approx(10.0 - 2.0)
+    assert s.num_active == 2 and s.reserved_pages("d0") == 2 * 4
+    clock.now += 9.0  # a slot frees in 1 s: admitted, decoding once it does
+    d = s.route(spec("d", prompt(3, 100)))
+    assert isinstance(d, RouteDecision) and d.estimated_ttft_s == pytest.approx(1.0)
+
+
+def test_a_slot_wait_overlaps_the_prefill():
+    clock = Clock()
+    s = full_batch(clock, max_tokens=10)  # a slot frees in 1 s
+    fast = s.route(spec("c", prompt(2, 1000)))  # 0.1 s of prefill: then waits for the slot
+    assert fast.estimated_ttft_s == pytest.approx(1.0)
+    s.on_cancel("c")
+    s.update_prefill(PrefillInstanceState("p0", num_queued_tokens=15_000))  # 1.5 s of queue
+    slow = s.route(spec("e", prompt(3, 1000)))  # the slot is free by its first token
+    assert slow.estimated_ttft_s == pytest.approx(1.5 + 0.1 + 1000 * 70_272 / 5e9)
+
+
+def test_local_prefill_takes_its_slot_before_it_starts():
+    clock = Clock()
+    s = full_batch(clock, max_tokens=10, decode_local_threshold=256)
+    s.update_decode(
+        DecodeInstanceState(
+            "d0", 1000, 1000, max_batch_size=2, decode_step_s=0.1, prefill_tokens_per_s=1000.0
+        )
+    )
+    d = s.route(spec("c", prompt(2, 200)))
+    assert d.is_local_prefill
+    # slot in 1 s, then one decode step, then 200 tokens at 1000 tokens/s
+    assert d.estimated_ttft_s == pytest.approx(1.0 + 0.1 + 0.2)
+
+
+def test_requests_take_batch_slots_in_turn():
+    clock = Clock()
+    s = full_batch(clock, max_tokens=10, ttft_slo_s=10.0)  # slots free at 1 s and 1 s
+    waits = [s.route(spec(f"w{i}", prompt(i + 2, 100), 10)).estimated_ttft_s for i in range(4)]
+    assert waits == pytest.approx([1.0, 1.0, 2.0, 2.0])  # each runs 1 s once in a slot
+    ends, slot_free = s._books.decode_timeline("d0", 0.1, 2)
+    assert sorted(end - clock.now for end, _ in ends) == pytest.approx([1, 1, 2, 2, 3, 3])
+    assert slot_free - clock.now == pytest.approx(3.0)
+    for rid in ("a", "b", "w0", "w1", "w2", "w3"):
+        assert s.on_finished(rid)
+    assert s._books.decode_timeline("d0", 0.1, 2) == ([], -math.inf)
+
+
+def test_page_wait_counts_the_wait_for_a_batch_slot():
+    clock = Clock()
+    s = full_batch(clock, max_tokens=10, ttft_slo_s=30.0)
+    s.update_decode(DecodeInstanceState("d0", 10, 10, max_batch_size=2, decode_step_s=0.1))
+    # 10 pages: a and b hold 2 each and end at 1 s; w holds 5 and decodes from 1 s to 11 s.
+    w = s.route(spec("w", prompt(2, 220), max_tokens=100))
+    assert isinstance(w, RouteDecision) and w.num_reserved_pages == 5
+    q = s.route(spec("q", prompt(3, 200), max_tokens=8))  # 4 pages: a's and b's at 1 s
+    assert isinstance(q, Queued) and q.estimated_wait_s == pytest.approx(1.0)
+    q2 = s.route(spec("q2", prompt(4, 300), max_tokens=84))  # 6 pages: w's too, at 11 s
+    assert isinstance(q2, Queued) and q2.estimated_wait_s == pytest.approx(11.0)
 
 
 def test_cancel_while_queued_leaves_nothing_behind():
