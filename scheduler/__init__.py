@@ -8,7 +8,7 @@ it from its module, not from here).
 
 from common.prefix import BlockLRU, InsertResult, block_hashes
 from scheduler.config import SchedulerConfig
-from scheduler.ledger import UnknownInstanceError
+from scheduler.ledger import Orphan, UnknownInstanceError
 from scheduler.policy import Scheduler
 from scheduler.state import (
     DecodeInstanceState,
@@ -26,6 +26,7 @@ __all__ = [
     "BlockLRU",
     "DecodeInstanceState",
     "InsertResult",
+    "Orphan",
     "PrefillInstanceState",
     "Queued",
     "Rejection",

@@ -3,8 +3,9 @@ in scheduler/).
 
     from scheduler.actor import make_scheduler_actor
     sched = make_scheduler_actor(SchedulerConfig(...), name="tidal-scheduler")
-    answer = await sched.route.remote(RequestSpec.from_token_ids(rid, ids, max_tokens))
+    answer = await sched.route.remote(RequestSpec.from_token_ids(rid, ids, max_tokens), owner)
     # answer: RouteDecision | Rejection   (never Queued: the actor awaits the queue for you)
+    sched.renew.remote(owner)  # every owner_lease_s / 5, while the owner lives
 
 The actor is async, so every call runs on one event loop thread and the core needs no locks.
 ``route`` of a request that must wait for decode pages parks on a future that is resolved by a
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 import ray
 
 from scheduler.config import SchedulerConfig
+from scheduler.ledger import Orphan
 from scheduler.policy import Scheduler
 from scheduler.state import (
     DecodeInstanceState,
@@ -48,9 +50,9 @@ class SchedulerActor:
         self._waiters: dict[str, asyncio.Future[RouteDecision | Rejection]] = {}
         self._ticker: asyncio.Task[None] | None = None
 
-    async def route(self, spec: RequestSpec) -> RouteDecision | Rejection:
+    async def route(self, spec: RequestSpec, owner: str | None = None) -> RouteDecision | Rejection:
         try:
-            answer = self._core.route(spec)
+            answer = self._core.route(spec, owner)
         except Exception as e:  # noqa: BLE001 - a bug must not kill the cluster's only scheduler
             return Rejection(spec.request_id, 500, "internal", f"{type(e).__name__}: {e}")
         if not isinstance(answer, Queued):
@@ -85,6 +87,22 @@ class SchedulerActor:
         if waiter is not None and not waiter.done():
             waiter.set_result(Rejection(request_id, 499, "cancelled", "cancelled while queued"))
         return self._call(self._core.on_cancel, request_id, drain=True)
+
+    async def renew(self, owner: str) -> None:
+        self._core.renew(owner)
+
+    async def expire_owners(self) -> list[Orphan] | SchedulerError:
+        """Let go of the requests of owners whose lease lapsed (a still-queued ``route`` of
+        theirs returns 499); the caller cancels the rest on their instances."""
+        orphans = self._call(self._core.expire_owners, drain=True)
+        if isinstance(orphans, SchedulerError):
+            return orphans
+        for o in orphans:
+            waiter = self._waiters.pop(o.request_id, None)
+            if waiter is not None and not waiter.done():
+                message = "cancelled while queued: its owner's lease lapsed"
+                waiter.set_result(Rejection(o.request_id, 499, "cancelled", message))
+        return orphans
 
     async def stats(self) -> SchedulerStats:
         return self._core.stats()

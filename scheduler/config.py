@@ -34,9 +34,14 @@ class SchedulerConfig:
     # A report arriving this long after a prefill finished was taken after it (the workers'
     # report interval plus the call's latency, with room to spare).
     report_lag_s: float = 1.0
+    # An owner (ingress replica) renews its lease every owner_lease_s / 5; one silent this long
+    # is dead, and the requests it routed (queued, prefilling, decoding) are let go.
+    owner_lease_s: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("ttft_slo_s", "transfer_bytes_per_s", "default_prefill_tokens_per_s"):
+        for name in (
+            "ttft_slo_s", "transfer_bytes_per_s", "default_prefill_tokens_per_s", "owner_lease_s"
+        ):  # fmt: skip
             assert getattr(self, name) > 0, f"SchedulerConfig.{name} must be positive"
         assert self.page_size > 0 and self.block_size > 0, "page_size and block_size must be > 0"
         assert self.max_queue_len >= 0, "max_queue_len must be >= 0 (0 disables queueing)"

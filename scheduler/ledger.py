@@ -67,6 +67,16 @@ class Reservation:
     num_uncached_tokens: int
     decode_start_s: float  # scheduler clock: estimated, then actual, first-token time
     is_prefill_done: bool = False
+    owner: str | None = None  # who routed it (an ingress replica); kept while its lease lives
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A request the scheduler let go because its owner's lease lapsed (the ingress replica
+    that routed it died): cancel it on ``instance_ids`` (none: it was still queued)."""
+
+    request_id: str
+    instance_ids: tuple[str, ...]
 
 
 class Ledger:

@@ -7,6 +7,9 @@ One request's life in the scheduler's books:
    ``Rejection`` (400/429/503) or ``Queued`` (waiting for decode pages; see ``drain_queue``).
 2. ``on_prefill_done(id)``: its prefill tokens leave the prefill instance's estimated queue.
 3. ``on_finished(id)`` / ``on_cancel(id)``: every reservation it held is released.
+A request routed with an ``owner`` (the ingress replica driving it) lives while that owner
+``renew``s its lease: ``expire_owners()`` lets go of the requests of owners silent for
+``owner_lease_s`` and returns them (``Orphan``) so the caller cancels them on the workers.
 ``remove_instance(id)`` releases every request the instance was serving and returns their specs
 so the caller re-routes them. The scheduler's reservations live only in its books; the decode
 worker holds the real pages (``DecodeStage.reserve``) and reports them in ``DecodeInstanceState``.
@@ -30,7 +33,7 @@ from scheduler.estimate import (
     page_wait_s,
     ttft_budget_s,
 )
-from scheduler.ledger import InstanceBook, Ledger, Reservation
+from scheduler.ledger import InstanceBook, Ledger, Orphan, Reservation
 from scheduler.state import (
     DecodeInstanceState,
     PrefillInstanceState,
@@ -48,6 +51,7 @@ class _Waiting:
     spec: RequestSpec
     enqueued_s: float
     deadline_s: float
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class Scheduler:
         self._num_decode_local = 0
         self._num_prompt_tokens = 0
         self._num_hit_tokens = 0
+        self._owners: dict[str, float] = {}  # owner -> when it last routed or renewed
 
     # ---- instances ------------------------------------------------------------------------
     def add_instance(self, instance_id: str, role: Role | str) -> None:
@@ -105,11 +110,16 @@ class Scheduler:
         self._books.forget_recent(state.instance_id, self.clock() - self.config.report_lag_s)
 
     # ---- requests ---------------------------------------------------------------------------
-    def route(self, spec: RequestSpec) -> RouteDecision | Rejection | Queued:
-        """Place a request now, queue it for decode pages, or reject it (see module doc)."""
+    def route(
+        self, spec: RequestSpec, owner: str | None = None
+    ) -> RouteDecision | Rejection | Queued:
+        """Place a request now, queue it for decode pages, or reject it (see module doc).
+        ``owner``: who drives it (see ``renew``); None: it never expires."""
         rid = spec.request_id
         if rid in self._books.reservations or any(w.spec.request_id == rid for w in self._queue):
             raise ValueError(f"request {rid!r} is already routed; ids must be unique")
+        if owner is not None:
+            self.renew(owner)
         if spec.prompt_len <= 0 or spec.max_tokens <= 0:
             return self._reject(
                 spec, 400, "bad_request", f"prompt_len ({spec.prompt_len}) and max_tokens "
@@ -139,13 +149,13 @@ class Scheduler:
         if option is not None:
             budget = ttft_budget_s(option.ttft.no_queue_s, self.config)
             if option.ttft.total_s <= budget:
-                return self._commit(spec, option, num_pages)
+                return self._commit(spec, option, num_pages, owner)
             return self._reject(
                 spec, 429, "slo",
                 f"estimated TTFT {option.ttft.total_s:.2f}s exceeds {budget:.2f}s",
                 retry_after_s=option.ttft.total_s - budget,
             )  # fmt: skip
-        return self._enqueue(spec, num_pages)
+        return self._enqueue(spec, num_pages, owner)
 
     def drain_queue(self) -> list[RouteDecision | Rejection]:
         """Place queued requests that now fit and reject those past their deadline (FIFO, but a
@@ -158,7 +168,7 @@ class Scheduler:
             num_pages = w.spec.num_pages(self.config.page_size)
             option = self._best_option(w.spec, num_pages, require_pages=True)
             if option is not None:
-                out.append(self._commit(w.spec, option, num_pages))
+                out.append(self._commit(w.spec, option, num_pages, w.owner))
             elif now >= w.deadline_s:
                 out.append(
                     self._reject(
@@ -189,6 +199,27 @@ class Scheduler:
     def on_cancel(self, request_id: str) -> bool:
         """Same books effect as ``on_finished`` (the actor answers a queued route with 499)."""
         return self.on_finished(request_id)
+
+    def renew(self, owner: str) -> None:
+        """``owner`` is alive: the requests it routed keep their places for ``owner_lease_s``."""
+        self._owners[owner] = self.clock()
+
+    def expire_owners(self) -> list[Orphan]:
+        """Let go of every request (queued or placed) whose owner has not renewed for
+        ``owner_lease_s``; the caller cancels them on the instances named."""
+        before = self.clock() - self.config.owner_lease_s
+        gone = {owner for owner, seen in self._owners.items() if seen < before}
+        if not gone:
+            return []
+        for owner in gone:
+            del self._owners[owner]
+        orphans = [Orphan(w.spec.request_id, ()) for w in self._queue if w.owner in gone]
+        self._queue = deque(w for w in self._queue if w.owner not in gone)
+        for r in [r for r in self._books.reservations.values() if r.owner in gone]:
+            self._books.release(r.spec.request_id)
+            held = (r.decode_id,) if r.prefill_id == r.decode_id else (r.prefill_id, r.decode_id)
+            orphans.append(Orphan(r.spec.request_id, held))
+        return orphans
 
     # ---- queries ------------------------------------------------------------------------------
     def reserved_pages(self, instance_id: str) -> int:
@@ -321,7 +352,7 @@ class Scheduler:
         return self._books.decode_timeline(d.instance_id, step_s, d.decode.max_batch_size)
 
     # ---- queueing -----------------------------------------------------------------------------
-    def _enqueue(self, spec: RequestSpec, num_pages: int) -> Queued | Rejection:
+    def _enqueue(self, spec: RequestSpec, num_pages: int, owner: str | None) -> Queued | Rejection:
         option = self._best_option(spec, num_pages, require_pages=False)
         assert option is not None, "a reported decode instance exists, so some option exists"
         wait = self._page_wait(num_pages)
@@ -341,7 +372,7 @@ class Scheduler:
             )  # fmt: skip
         now = self.clock()
         deadline = now + budget - option.ttft.total_s
-        self._queue.append(_Waiting(spec, now, deadline))
+        self._queue.append(_Waiting(spec, now, deadline, owner))
         return Queued(spec.request_id, len(self._queue) - 1, wait, deadline)
 
     def _page_wait(self, num_pages: int) -> float | None:
@@ -359,12 +390,14 @@ class Scheduler:
         return min(waits) if waits else None
 
     # ---- books ----------------------------------------------------------------------------------
-    def _commit(self, spec: RequestSpec, option: _Option, num_pages: int) -> RouteDecision:
+    def _commit(
+        self, spec: RequestSpec, option: _Option, num_pages: int, owner: str | None
+    ) -> RouteDecision:
         cached = option.ttft.num_cached_tokens
         self._books.reserve(
             Reservation(
                 spec, option.prefill_id or option.decode_id, option.decode_id, num_pages,
-                spec.prompt_len - cached, self.clock() + option.ttft.total_s,
+                spec.prompt_len - cached, self.clock() + option.ttft.total_s, owner=owner,
             )
         )  # fmt: skip
         self._num_routed += 1

@@ -50,6 +50,32 @@ def test_queued_route_waits_for_pages_and_cancel_answers_499():
     asyncio.run(scenario())
 
 
+def test_an_expired_owner_s_queued_route_answers_499():
+    async def scenario():
+        actor = SchedulerActor(
+            SchedulerConfig(ttft_slo_s=10.0, decode_local_threshold=0, owner_lease_s=0.05),
+            drain_interval_s=0.01,
+        )
+        await actor.add_instance("p0", "prefill")
+        await actor.add_instance("d0", "decode")
+        await actor.update_decode(DecodeInstanceState("d0", 50, 50))  # room for one request
+        assert isinstance(await actor.route(spec("a"), "dead"), RouteDecision)
+        waiting = asyncio.ensure_future(actor.route(spec("b"), "dead"))
+        await asyncio.sleep(0.1)
+        orphans = await actor.expire_owners()
+        assert sorted((o.request_id, o.instance_ids) for o in orphans) == [
+            ("a", ("p0", "d0")),
+            ("b", ()),
+        ]
+        answer = await asyncio.wait_for(waiting, timeout=5)
+        assert answer.status == 499 and "lease" in answer.message
+        stats = await actor.stats()
+        assert stats.num_queued == 0 and stats.num_active == 0
+        assert stats.num_reserved_pages == {"d0": 0}
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.timeout(120)
 def test_ray_actor_routes_and_releases(ray_session):
     ray = ray_session

@@ -287,6 +287,37 @@ def test_page_wait_counts_the_wait_for_a_batch_slot():
     assert isinstance(q2, Queued) and q2.estimated_wait_s == pytest.approx(11.0)
 
 
+def test_requests_of_an_owner_whose_lease_lapsed_are_let_go():
+    clock = Clock()
+    s = make(num_prefill=1, total_pages=100, clock=clock, ttft_slo_s=10.0, owner_lease_s=5.0)
+    placed = s.route(spec("a", prompt(1, 2560)), owner="ingress-1")  # 41 pages
+    assert isinstance(s.route(spec("b", prompt(2, 2560)), owner="ingress-2"), RouteDecision)
+    local = s.route(spec("c", prompt(3, 100)), owner="ingress-1")  # decode-local
+    assert local.prefill_instance_id is None
+    queued = s.route(spec("q", prompt(4, 2560)), owner="ingress-1")  # no pages left
+    assert isinstance(queued, Queued)
+    kept = s.route(spec("k", prompt(5, 500)))  # no owner: never expires
+    clock.now += 4.0
+    s.renew("ingress-2")
+    assert s.expire_owners() == []  # nobody silent for 5 s yet
+    clock.now += 1.5
+    orphans = {o.request_id: o.instance_ids for o in s.expire_owners()}
+    assert orphans == {
+        "a": (placed.prefill_instance_id, "d0"),
+        "c": ("d0",),
+        "q": (),
+    }
+    assert s.num_queued == 0 and s.num_active == 2 and kept.request_id == "k"
+    assert s.reserved_pages("d0") == 41 + kept.num_reserved_pages
+    assert s.pending_prefill_tokens("p0") == 2560 + 500
+    assert s.expire_owners() == []  # once
+    # a replica that comes back starts a new lease with its next route
+    assert isinstance(s.route(spec("a2", prompt(6, 100)), owner="ingress-1"), RouteDecision)
+    clock.now += 6.0
+    assert {o.request_id for o in s.expire_owners()} == {"a2", "b"}
+    assert s.on_finished("k") and s.num_active == 0 and s.reserved_pages("d0") == 0
+
+
 def test_cancel_while_queued_leaves_nothing_behind():
     s = make(num_prefill=1, total_pages=50, ttft_slo_s=10.0)
     s.route(spec("a", prompt(1, 2000), max_tokens=40))
