@@ -20,12 +20,18 @@ tokens; a seeded sampled request continues with a fresh, still deterministic, dr
 After ``max_attempts`` routes the request ends with a clear error (503 before the first token,
 an error event in the stream after it). While a pool heals (no decode instance), re-routes wait
 up to ``reroute_timeout_s`` for capacity instead of failing.
+Every route names this ingress replica as its owner, and a thread renews the owner's lease in
+the scheduler: when the replica dies, the pool manager cancels its requests wherever they are
+(queued, prefilling, decoding) once the lease lapses (``owner_lease_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +48,7 @@ from prefill.jobs import PrefillJob
 from scheduler.state import Rejection, RequestSpec, RouteDecision
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 REROUTE_TIMEOUT_S = 120.0  # a re-route waits this long for a healing pool
 
@@ -159,6 +166,19 @@ class Flow:
         self.on_reroute = on_reroute  # called with "prefill" or "decode" (metrics)
         self.on_ttft_parts = on_ttft_parts  # once per request, at its first token (metrics)
         self._cleanup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidal-cleanup")
+        self.owner_id = f"ingress-{uuid.uuid4().hex[:12]}"  # this replica in the scheduler
+        threading.Thread(target=self._renew_forever, name="tidal-lease", daemon=True).start()
+
+    def _renew_forever(self) -> None:
+        """Renew this replica's lease in the scheduler (on a thread: a busy event loop must not
+        look like a dead replica). Fire and forget: a lost renewal only brings expiry closer."""
+        interval_s = self.config.scheduler.owner_lease_s / 5
+        while True:
+            time.sleep(interval_s)
+            try:
+                self.scheduler.renew.remote(self.owner_id)
+            except Exception:  # noqa: BLE001 - the scheduler restarting must not stop renewals
+                log.exception("lease renewal failed")
 
     def detached(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` (actor calls that undo a request) on a thread outside the request's task.
@@ -243,7 +263,7 @@ class Flow:
         deadline = time.monotonic() + REROUTE_TIMEOUT_S
         while True:
             try:
-                answer = await self.scheduler.route.remote(spec)
+                answer = await self.scheduler.route.remote(spec, self.owner_id)
             except RayActorError as e:  # the scheduler died: route on its replacement
                 if time.monotonic() > deadline:
                     raise ApiError(503, f"scheduler unavailable: {e}", retry_after_s=1.0) from e

@@ -9,6 +9,9 @@ instances towards it, one membership change at a time:
 - heal: a health loop pings every instance; a dead one (actor gone, or silent past
   ``health_timeout_s``) is removed from the scheduler and stopped, and reconciling starts a
   replacement. The ingress reports a failed call with ``report_failure`` so this happens at once;
+- orphans: every health round, the requests of ingress replicas whose lease lapsed (dead
+  replicas: ``Scheduler.expire_owners``) are cancelled on the ranks that hold them, so a request
+  queued, prefilling or waiting for its transfer gives its pages back within seconds;
 - move: an instance changes pool without reloading weights (out of the scheduler, the worker
   drains and rebuilds its stage, back into the scheduler under the new role); the targets
   follow the move;
@@ -405,6 +408,7 @@ class PoolManager:
             if i.state == SERVING:
                 ranks[i.role] += i.num_ranks
         sched = await self._scheduler_stats()
+        await self._cancel_orphans()
         now = time.monotonic()
         self._metrics.update(counts, ranks, self._targets, sched)
         self._metrics.planner(self._planner.recommendation, self._policy.config.is_auto)
@@ -413,6 +417,21 @@ class PoolManager:
             await self.rebalance()
         if self._planner.is_due(now):
             await self._plan(now, sched)
+
+    async def _cancel_orphans(self) -> None:
+        """Cancel, on their ranks, the requests of ingress replicas that died."""
+        orphans = await self.scheduler.expire_owners.remote()
+        if isinstance(orphans, SchedulerError):
+            log.error("expiring leases failed: %s", orphans.message)
+            return
+        if not orphans:
+            return
+        handles = await self.handles()
+        for o in orphans:
+            for uid in o.instance_ids:
+                if uid in handles:  # a rank gone meanwhile took its requests with it
+                    handles[uid].cancel.remote(o.request_id)
+        log.warning("cancelled %d requests of dead ingress replicas", len(orphans))
 
     async def _scheduler_stats(self) -> Any:
         """The scheduler's stats; a dead scheduler actor is restarted first (``_restart``)."""
