@@ -29,6 +29,14 @@ Steps (one local Ray cluster, ``--ray-cpus`` CPUs, one Serve application):
    probe of the next ``--recovery-window-s`` completed, with a median latency within 1.5x the
    p90 latency the probe had during the warm-up (at the sustainable rate: "full speed").
 
+The deployment's TTFT SLO (``--ttft-slo-s``, 2 s: the setting's default, what an interactive
+user sets; the probe alone takes about 0.1 s here) is what bounds recovery: the scheduler admits
+a request only if it is estimated to be decoding within the SLO (its prefill queue, its prefill,
+the transfer, and a slot in the decode batch), and rejects the rest early with a 429. So at the
+end of the overload at most about one SLO of admitted work is waiting, and the probes are back
+to full speed once it has drained. (A deployment that admitted by free KV pages alone let the
+decode queue grow to what the pages hold: 15-20 s of backlog here.)
+
 Prints a table; ``--json`` gets ``requests_by_outcome``, ``lost_requests``, ``pages_leaked``,
 ``rss_growth_mb``, ``recovery_s``, the overload's outcomes and the configuration.
 """
@@ -278,6 +286,7 @@ def settings_of(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "decode_local_threshold": 64,  # short prompts prefill on decode: both paths run
         "max_batch_size": args.max_batch_size,
         "max_queue_len": args.max_queue_len,
+        "ttft_slo_s": args.ttft_slo_s,
         "num_ingress_replicas": args.ingress_replicas,
         "health_interval_s": 1.0,
         "report_interval_s": 0.2,
@@ -490,6 +499,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--max-queue-len", type=int, default=256, help="scheduler queue (the setting's default)"
+    )
+    p.add_argument(
+        "--ttft-slo-s", type=float, default=2.0, help="the deployment's TTFT SLO (admission)"
     )
     p.add_argument("--ray-cpus", type=float, default=2.0)
     p.add_argument("--models-dir", default=str(REPO / ".models"))
