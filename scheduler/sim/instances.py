@@ -1,9 +1,10 @@
 """Simulated prefill and decode instances: the stages' queues and batches, with costs from a
 profile instead of an engine.
 
-``SimPrefill`` mirrors ``prefill.stage.PrefillStage``: a FIFO of prompts, each ``step`` computes
-up to ``token_budget`` prompt tokens oldest first (a long prompt spans steps, short ones share
-one); a prompt takes the longest cached prefix when it starts (``BlockLRU``, the stage's own
+``SimPrefill`` mirrors ``prefill.stage.PrefillStage``: each ``step`` spends a cost budget
+(``token_budget`` tokens at an empty prefix, less deeper in a prompt) on the prompts with the least
+left to compute, a chunk each (a long prompt spans steps, short ones share one, a starved one goes
+first); a prompt takes the longest cached prefix when it starts (``BlockLRU``, the stage's own
 class), enters the cache when it completes, and its KV (streamed while it is computed) is at
 the decode instance once the transfer drains. ``SimDecode`` mirrors
 ``decode.stage.DecodeStage``: pages are reserved for prompt + max_tokens before the KV arrives,
@@ -43,6 +44,7 @@ class SimSeq:
     num_cached: int = 0
     num_computed: int = 0
     is_started: bool = False  # prefill began: cached prefix matched
+    num_skipped: int = 0  # prefill steps in a row whose budget ran out before this prompt
     prefill_start_s: float = 0.0
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -134,25 +136,43 @@ class SimPrefill:
         return sum(seq.prompt_len - seq.num_computed for seq, _ in self._queue)
 
     def _step(self) -> None:
-        budget = self.cost.token_budget
-        duration = self.cost.step_overhead_s
+        """One ``PrefillStage.step``: the budget (in ``chunk_cost`` units) goes to the prompts
+        with the least left to compute (one the budget skipped ``max_skipped_steps`` steps in a
+        row first), a chunk each, sized to what is left of the budget."""
+        cost = self.cost
+        budget = float(cost.token_budget)
+        duration, num_tokens = cost.step_overhead_s, 0
         done: list[tuple[SimSeq, Callable[[SimSeq], None]]] = []
-        for seq, on_done in self._queue:
+        patience = cost.max_skipped_steps
+
+        def key(entry: tuple[SimSeq, Callable[[SimSeq], None]]) -> tuple[int, int]:
+            seq = entry[0]
+            starving = seq.num_skipped if seq.num_skipped >= patience else 0
+            return -starving, seq.prompt_len - seq.num_computed
+
+        order = sorted(self._queue, key=key)
+        for i, (seq, on_done) in enumerate(order):
             if budget <= 0:
+                for skipped, _ in order[i:]:
+                    skipped.num_skipped += 1
                 break
+            if num_tokens and cost.chunk_cost(seq.num_computed, cost.min_chunk_tokens) > budget:
+                seq.num_skipped += 1  # its smallest chunk would overrun the step
+                continue
             if not seq.is_started:
                 seq.is_started, seq.prefill_start_s = True, self.loop.now
                 seq.num_cached = seq.num_computed = self.cache.match(seq)
-            end = min(seq.prompt_len, seq.num_computed + budget)
-            duration += self.cost.chunk_s(seq.num_computed, end)
-            budget -= end - seq.num_computed
-            seq.num_computed = end
+            start = seq.num_computed
+            end = min(seq.prompt_len, start + cost.chunk_tokens(start, budget))
+            duration += cost.chunk_s(start, end)
+            budget -= cost.chunk_cost(start, end - start)
+            num_tokens += end - start
+            seq.num_computed, seq.num_skipped = end, 0
             if end == seq.prompt_len:
                 done.append((seq, on_done))
         for entry in done:
             self._queue.remove(entry)
-        computed = self.cost.token_budget - budget
-        self._throughput.add(computed, duration)
+        self._throughput.add(num_tokens, duration)
         self.busy_s += duration
         self.loop.after(duration, self._end_step, done)
 

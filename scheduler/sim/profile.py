@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,12 @@ class PrefillCost:
 
     tokens_per_s: tuple[tuple[int, float], ...]  # (prompt length L, tokens/s from scratch)
     step_overhead_s: float = 0.0
-    token_budget: int = 2048  # prompt tokens per step (chunked prefill)
+    token_budget: int = 2048  # one step's cost in prompt tokens at an empty prefix
     prefix_cache_tokens: int = 65_536  # latent KV the prefix cache can hold
+    # The stage's chunk sizing and service order (``prefill.jobs.PrefillConfig``'s fields)
+    attention_tokens: int = 8192
+    min_chunk_tokens: int = 64
+    max_skipped_steps: int = 8
 
     def rate_at(self, length: float) -> float:
         """tokens/s for a prompt of ``length`` tokens (piecewise linear, flat outside)."""
@@ -49,6 +54,20 @@ class PrefillCost:
     def chunk_s(self, start: int, end: int) -> float:
         """Seconds to compute prompt positions [start, end) (see module doc)."""
         return (end - start) / self.rate_at(start + end)
+
+    def chunk_cost(self, start: int, num_tokens: int) -> float:
+        """Budget units of a chunk of ``num_tokens`` at prefix ``start`` (as the stage counts)."""
+        return num_tokens * (1 + (start + num_tokens) / self.attention_tokens)
+
+    def chunk_tokens(self, start: int, budget: float) -> int:
+        """The most tokens a chunk at ``start`` may take within ``budget`` (at least
+        ``min_chunk_tokens``), as ``PrefillConfig.chunk_tokens``."""
+        a = self.attention_tokens
+        b = 1 + start / a
+        t = int((math.sqrt(b * b + 4 * budget / a) - b) * a / 2)
+        if self.chunk_cost(start, t + 1) <= budget + 1e-3:
+            t += 1
+        return max(self.min_chunk_tokens, t)
 
 
 @dataclass(frozen=True)
