@@ -232,14 +232,22 @@ class RankWorker:
         return future.result()
 
     # ---- decode and mixed roles -------------------------------------------------------------
-    def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> str | WorkerError:
-        """Reserve KV pages for an incoming transfer; the receiver's address."""
+    def reserve(
+        self,
+        request_id: str,
+        num_tokens: int,
+        lease_s: float,
+        num_choices: int = 1,
+        prompt_len: int = 0,
+    ) -> str | WorkerError:
+        """Reserve KV pages for an incoming transfer (and the pages of the request's further
+        choices, which fork from its prompt: ``DecodeStage.reserve``); the receiver's address."""
         with self._lock:
             stage, refusal = self._stage, self._refusal(Role.DECODE)
         if refusal is not None:
             return refusal
         try:
-            address = stage.reserve(request_id, num_tokens, lease_s)
+            address = stage.reserve(request_id, num_tokens, lease_s, num_choices, prompt_len)
         except Exception as e:  # out of pages, duplicate id: the scheduler's books were stale
             return WorkerError(f"{self.unit_id}: reserve failed: {type(e).__name__}: {e}")
         return self._kv_address or address
@@ -254,18 +262,21 @@ class RankWorker:
         return self._receiver.address if self._receiver is not None else None
 
     def start(self, job: DecodeJob) -> WorkerError | None:
-        """Start decoding ``job`` (``first_token_id=None``: prefill it here first)."""
+        """Start decoding ``job`` (``first_token_id=None``: prefill it here first); each of its
+        choices is polled and cancelled by its own id (``job.choice_ids``)."""
         with self._lock:
             stage, refusal = self._stage, self._refusal(Role.DECODE, Role.MIXED)
             if refusal is None:
-                self._owners[job.request_id] = stage
+                for choice in job.choice_ids:
+                    self._owners[choice] = stage
         if refusal is not None:
             return refusal
         try:
             stage.start(job)
         except Exception as e:
             with self._lock:
-                self._owners.pop(job.request_id, None)
+                for choice in job.choice_ids:
+                    self._owners.pop(choice, None)
             return WorkerError(f"{self.unit_id}: start failed: {type(e).__name__}: {e}")
         return None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -13,6 +13,7 @@ from decode.jobs import DecodeJob
 class SeqState(str, Enum):
     WAITING_KV = "waiting_kv"  # its KV is arriving from a prefill instance
     WAITING_PAGES = "waiting_pages"  # decode-local prefill, no pages free yet
+    FORKING = "forking"  # a further choice: waits for choice 0's prompt KV, then forks from it
     PREFILLING = "prefilling"  # decode-local prefill in progress
     READY = "ready"  # has KV and a next token, waiting for a batch slot
     RUNNING = "running"  # in the continuous batch
@@ -37,6 +38,7 @@ class DecodeSeq:
     last_token_id: int = -1
     is_cancelled: bool = False
     block_hashes: list[int] | None = None  # of the prompt's full blocks (prefix cache only)
+    forks: list[DecodeSeq] = field(default_factory=list)  # FORKING choices of this prompt
 
     @property
     def request_id(self) -> str:

@@ -6,9 +6,26 @@ plain values; no tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.sampling import SamplingParams, TokenLogprob
+
+
+def choice_id(request_id: str, index: int) -> str:
+    """Choice ``index`` of a request on the decode instance: choice 0 is the request itself."""
+    return request_id if index == 0 else f"{request_id}.c{index}"
+
+
+@dataclass(frozen=True)
+class Fork:
+    """A further choice of a request (``n`` > 1): it shares the request's prompt KV and draws
+    its own tokens with its own ``sampling``. ``first_token_id``/``first_logprob``: what the
+    prefill instance sampled for it (None: the prompt is prefilled on the decode instance, and
+    the first token is sampled there from the same logits)."""
+
+    sampling: SamplingParams
+    first_token_id: int | None = None
+    first_logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -20,6 +37,9 @@ class DecodeJob:
     prefill, and every request of the colocated ``MixedStage``). The first token counts towards
     ``max_tokens`` and is the first token ``poll`` returns. ``first_logprob``: the prefill's
     logprob of the first token, when ``sampling.num_logprobs`` asks for logprobs.
+
+    ``forks``: choices 1..n-1 of the request; each runs (and is polled and cancelled) as
+    ``choice_id(request_id, i)`` once the prompt's KV is here, sharing its pages.
     """
 
     request_id: str
@@ -30,6 +50,7 @@ class DecodeJob:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     first_logprob: TokenLogprob | None = None
+    forks: tuple[Fork, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -41,6 +62,28 @@ class DecodeJob:
     def num_tokens(self) -> int:
         """KV positions the request can occupy: prompt plus every output token."""
         return len(self.prompt_ids) + self.max_tokens
+
+    @property
+    def num_choices(self) -> int:
+        return 1 + len(self.forks)
+
+    @property
+    def choice_ids(self) -> list[str]:
+        """Every choice's request id on the decode instance, choice 0 (this job) first."""
+        return [choice_id(self.request_id, i) for i in range(self.num_choices)]
+
+    def fork_job(self, index: int) -> DecodeJob:
+        """The job of choice ``index`` >= 1: this job with the fork's id, sampling and first
+        token, and no forks of its own."""
+        fork = self.forks[index - 1]
+        return replace(
+            self,
+            request_id=choice_id(self.request_id, index),
+            sampling=fork.sampling,
+            first_token_id=fork.first_token_id,
+            first_logprob=fork.first_logprob,
+            forks=(),
+        )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from collections import deque
 import torch
 
 from common.meter import MeanMeter
+from common.pages import pages_for_choices
 from common.prefix_cache import PrefixCache
 from common.sampling import TokenLogprob
 from common.stage import StageState
@@ -89,9 +90,18 @@ class DecodeStage:
         self._abandoned: list[str] = []  # ended here for want of a reader (see take_abandoned)
 
     # ---- API (any thread) -------------------------------------------------------------------
-    def reserve(self, request_id: str, num_tokens: int, lease_s: float) -> str:
+    def reserve(
+        self,
+        request_id: str,
+        num_tokens: int,
+        lease_s: float,
+        num_choices: int = 1,
+        prompt_len: int = 0,
+    ) -> str:
         """Reserve KV pages for an incoming transfer; returns the receiver's "host:port".
-        Raises ``OutOfPagesError`` when the pages are not free (the scheduler picks another)."""
+        ``num_choices`` > 1 also reserves the further choices' pages (sharing the full pages of
+        the ``prompt_len``-token prompt). Raises ``OutOfPagesError`` when the pages are not free
+        (the scheduler picks another)."""
         if self._reservations is None:
             raise RuntimeError(
                 "this stage has no KV receiver; start() the job with first_token_id=None to "
@@ -100,47 +110,72 @@ class DecodeStage:
         with self._lock:
             if request_id in self._seqs:
                 raise ValueError(f"request {request_id!r} is already running here")
-        self._local.make_room(num_tokens)
-        return self._reservations.add(request_id, num_tokens, lease_s)
+        page_size = self.allocator.page_size
+        self._local.make_room(pages_for_choices(prompt_len, num_tokens, num_choices, page_size))
+        return self._reservations.add(request_id, num_tokens, lease_s, num_choices, prompt_len)
 
     def start(self, job: DecodeJob) -> None:
         """Add a request. With ``first_token_id`` its KV must come from a ``reserve``d transfer;
         without, the prompt is prefilled here. Problems end the request with an error that
-        ``poll`` reports; only a duplicate request id raises."""
+        ``poll`` reports; only a duplicate request id raises.
+
+        A job with ``forks`` adds every choice (``job.choice_ids``): choice 0 receives or
+        prefills the prompt's KV, and the moment it is complete the others fork from it
+        (``_settle_forks``). Choice 0 ending before then (cancelled, transfer failed) ends them
+        too: they have no KV of their own to go on with."""
         rid = job.request_id
-        seq = DecodeSeq(job, stop_ids_for(job, self._eos_token_ids), SeqState.WAITING_PAGES)
-        error, is_over = None, False
+        stop_ids = stop_ids_for(job, self._eos_token_ids)
+        seq = DecodeSeq(job, stop_ids, SeqState.WAITING_PAGES)
+        forks = [
+            DecodeSeq(job.fork_job(i), stop_ids, SeqState.FORKING)
+            for i in range(1, job.num_choices)
+        ]
+        error, ended = None, []
         with self._lock:
-            if rid in self._seqs:
-                raise ValueError(f"request {rid!r} is already running here")
-            self._streams.open(rid)
+            taken = [i for i in job.choice_ids if i in self._seqs]
+            if taken:
+                raise ValueError(f"request {taken[0]!r} is already running here")
+            for choice in job.choice_ids:
+                self._streams.open(choice)
             reserved = self._reservations.take(rid) if self._reservations else None
+            reservation, fork_ids = reserved if reserved is not None else (None, [])
             if job.first_token_id is None:
-                if not self._local.can_ever_fit(seq):
+                if not self._local.can_ever_fit(seq, len(forks)):
                     error = (
-                        f"request needs {job.num_tokens} tokens of KV, more than this "
-                        f"instance's {self.allocator.num_pages * self.allocator.page_size}"
+                        f"request needs {job.num_tokens} tokens of KV for each of its "
+                        f"{job.num_choices} choices, more than this instance's "
+                        f"{self.allocator.num_pages * self.allocator.page_size}"
                     )
-            elif reserved is None:
+            elif reservation is None:
                 error = "no KV reservation for this request here: reserve() before start()"
-            elif reserved.num_tokens < job.num_tokens:
+            elif reservation.num_tokens < job.num_tokens:
                 error = (
-                    f"the reservation holds {reserved.num_tokens} tokens but prompt + max_tokens "
-                    f"is {job.num_tokens}: reserve prompt_len + max_tokens"
+                    f"the reservation holds {reservation.num_tokens} tokens but prompt + "
+                    f"max_tokens is {job.num_tokens}: reserve prompt_len + max_tokens"
+                )
+            elif len(fork_ids) != len(forks):
+                error = (
+                    f"the reservation holds pages for {len(fork_ids) + 1} choices, the job has "
+                    f"{job.num_choices}: reserve with num_choices={job.num_choices}"
                 )
             else:
-                seq.state, seq.reservation = SeqState.WAITING_KV, reserved
+                seq.state, seq.reservation = SeqState.WAITING_KV, reservation
             if error is None:
                 self._seqs[rid] = seq
                 self._waiting.append(seq)
-                is_over = seq.state is SeqState.WAITING_KV and self._check_transfer(seq)
+                seq.forks = forks
+                for fork in forks:
+                    self._seqs[fork.request_id] = fork
+                if seq.state is SeqState.WAITING_KV:
+                    ended = self._check_transfer(seq)
                 self._has_work.notify_all()
         if reserved is not None and (job.first_token_id is None or error is not None):
-            self._reservations.release(rid)  # prefilled here after all, or unusable
+            self._reservations.release(rid, fork_ids)  # prefilled here after all, or unusable
         if error is not None:
-            self._streams.finish(rid, "abort", error)
-        elif is_over:
-            self._free(seq)
+            for choice in job.choice_ids:
+                self._streams.finish(choice, "abort", error)
+        for s in ended:
+            self._free(s)
 
     def poll(self, request_id: str, cursor: int, timeout_s: float) -> TokenBatch:
         """Every token past ``cursor`` (blocks up to ``timeout_s`` for the first one)."""
@@ -284,9 +319,11 @@ class DecodeStage:
         with self._lock:
             is_blocked = False  # a local prompt waits for pages: later ones wait behind it
             for seq in list(self._waiting):
-                if seq.state is SeqState.WAITING_KV and self._check_transfer(seq):
-                    ended.append(seq)
-                    continue
+                if seq.state is SeqState.WAITING_KV:
+                    over = self._check_transfer(seq)
+                    ended += over
+                    if seq in over:
+                        continue
                 num_free_slots = (
                     self.config.max_batch_size - len(self._running) - len(self._prefilling)
                 )
@@ -313,22 +350,71 @@ class DecodeStage:
         for seq in ended:
             self._free(seq)
 
-    def _check_transfer(self, seq: DecodeSeq) -> bool:
-        """If a WAITING_KV sequence's transfer ended, make it READY and stream its first token,
-        or end it with the transfer's error. True if the sequence is over (caller frees it).
-        Caller holds _lock."""
+    def _check_transfer(self, seq: DecodeSeq) -> list[DecodeSeq]:
+        """If a WAITING_KV sequence's transfer ended, make it READY and stream its first token
+        (its forks fork now), or end it with the transfer's error. Returns the sequences that
+        are over (the caller frees them). Caller holds _lock."""
         if not seq.reservation.done():
-            return False
+            return []
         error = seq.reservation.future.exception()
         if error is not None:
             self._detach(seq)
             self._streams.finish(seq.request_id, "abort", f"KV transfer failed: {error}")
-            return True
+            return [seq]
+        ended = self._settle_forks(seq)
         seq.state = SeqState.READY
         if self._emit(seq, seq.job.first_token_id, seq.job.first_logprob):
             self._detach(seq)
-            return True
-        return False
+            ended.append(seq)
+        return ended
+
+    def _settle_forks(self, seq: DecodeSeq, logits: torch.Tensor | None = None) -> list[DecodeSeq]:
+        """Choice 0's prompt KV is complete (transferred, or prefilled here with last-token
+        ``logits`` [vocab]), or it ended without it: its FORKING choices fork or end.
+
+        A fork copies the prompt's partially filled last page into its own page (the full pages
+        it already shares: ``PageAllocator.fork``), takes its first token (the prefill
+        instance's, or sampled from ``logits`` with its own sampling) and waits READY for a
+        batch slot. Returns the choices that are over (the caller frees them). Caller holds
+        _lock (and never an engine call for these sequences: they are not busy)."""
+        forks, seq.forks = [f for f in seq.forks if f.state is SeqState.FORKING], []
+        if not forks:
+            return []
+        ended: list[DecodeSeq] = []
+        if logits is None and not self._has_prompt_kv(seq):
+            error = seq.reservation.future.exception() if seq.reservation is not None else None
+            why = f"KV transfer failed: {error}" if error else "choice 0 ended before its KV"
+            for fork in forks:
+                self._detach(fork)
+                self._streams.finish(fork.request_id, "abort", why)
+            return forks
+        page_size = self.allocator.page_size
+        num_shared = seq.prompt_len // page_size * page_size
+        with self.cache_lock:
+            for fork in forks:
+                self.engine.cache.copy_tokens(
+                    seq.request_id, fork.request_id, num_shared, seq.prompt_len
+                )
+        for fork in forks:
+            fork.num_computed, fork.num_cached = seq.prompt_len, seq.num_cached
+            if logits is None:
+                first = fork.job.first_token_id, fork.job.first_logprob
+            else:
+                first = sample_with_logprob(logits, fork.job.sampling, 0)
+            fork.state = SeqState.READY
+            if self._emit(fork, *first):
+                self._detach(fork)
+                ended.append(fork)
+            else:
+                self._waiting.append(fork)
+        return ended
+
+    @staticmethod
+    def _has_prompt_kv(seq: DecodeSeq) -> bool:
+        """The prompt's KV is complete in this cache (transferred: verified; local: computed)."""
+        if seq.reservation is not None:
+            return seq.reservation.done() and seq.reservation.future.exception() is None
+        return seq.prompt_len > 0 and seq.num_computed == seq.prompt_len
 
     def _prefill(self) -> bool:
         """Local prefill of up to ``prefill_token_budget`` prompt tokens, oldest prompt first."""
@@ -341,7 +427,7 @@ class DecodeStage:
                 seq = self._prefilling[0]
                 self._busy.add(seq.request_id)
             num_before = seq.num_computed
-            error, logits = None, None
+            error, logits, forks_over = None, None, []
             try:
                 logits = self._local.run_chunk(seq, budget)
             except Exception as e:  # a failed request is an answer, not a dead loop
@@ -351,11 +437,15 @@ class DecodeStage:
             with self._lock:
                 self._busy.discard(seq.request_id)
                 is_done = error is not None or logits is not None or seq.is_cancelled
+                if logits is not None:  # the prompt's KV is complete: its choices fork
+                    forks_over = self._settle_forks(seq, logits)
                 if is_done:
                     self._prefilling.remove(seq)
                     if error is None and not seq.is_cancelled:
                         seq.state = SeqState.RUNNING
                         self._running.append(seq)
+            for fork in forks_over:
+                self._free(fork)
             if error is not None or seq.is_cancelled:
                 self._end(seq, error)
             elif logits is not None and self._emit(
@@ -440,6 +530,8 @@ class DecodeStage:
         if seq in self._running:
             self._running.remove(seq)
         seq.state = SeqState.FINISHED
+        for fork in self._settle_forks(seq):  # choices waiting on this one's prompt KV
+            self._free(fork)  # a fork holds no reservation: no receiver call under _lock
 
     def _free(self, seq: DecodeSeq) -> None:
         """Return a detached sequence's pages; aborts its transfer if the KV is still coming."""

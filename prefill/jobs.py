@@ -20,6 +20,9 @@ class PrefillJob:
 
     ``kv_address`` is the decode receiver's "host:port" (from ``DecodeStage.reserve``); ``None``
     computes the KV without sending it (benchmarks, warm-up). ``kv_format`` is the wire format.
+    ``fork_sampling``: the sampling of the request's choices 1..n-1 (``n`` > 1), whose first
+    tokens are drawn from the same last-position logits as choice 0's (one prefill, one
+    transfer for every choice).
     """
 
     request_id: str
@@ -27,6 +30,7 @@ class PrefillJob:
     sampling: SamplingParams = SamplingParams()
     kv_address: str | None = None
     kv_format: str = "bf16"
+    fork_sampling: tuple[SamplingParams, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -51,6 +55,9 @@ class PrefillResult:
     compute_s: float = 0.0  # first chunk -> last chunk computed
     transfer_tail_s: float = 0.0  # last chunk computed -> the receiver verified the KV
     first_logprob: TokenLogprob | None = None  # when the job's sampling asks for logprobs
+    # choices 1..n-1 (``PrefillJob.fork_sampling``): first token ids and logprobs, in order
+    fork_first_token_ids: tuple[int, ...] = ()
+    fork_first_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ One request:
    the prefix) fits one step's budget; jobs with the least left go first, so a long prompt
    interleaves with short ones instead of blocking them; after each layer of each chunk the
    new KV is sent at once.
-4. The last chunk's logits give the first token; the prompt's full blocks enter the prefix
+4. The last chunk's logits give the first token (of every choice: a job with
+   ``fork_sampling`` draws each further choice's from the same logits); the prompt's full blocks enter the prefix
    cache and the sequence's own page references are freed; the transfer drains on a closer
    thread (the step thread moves on to the next prompt) and the future resolves with a
    ``PrefillResult`` once the receiver confirms the complete, verified KV.
@@ -60,6 +61,7 @@ class _Task:
     t_start: float = 0.0  # pages allocated, first chunk next
     t_computed: float = 0.0  # last chunk computed (first token sampled)
     first_logprob: TokenLogprob | None = None  # when the job's sampling asks for logprobs
+    forks_first: list[tuple[int, TokenLogprob | None]] = field(default_factory=list)
 
     @property
     def num_prompt(self) -> int:
@@ -349,6 +351,7 @@ class PrefillStage:
                 table = self.allocator.block_table(task.job.request_id)
                 self.prefix_cache.insert(task.block_hashes, table)
         first_token_id, task.first_logprob = sample_with_logprob(logits, task.job.sampling, 0)
+        task.forks_first = [sample_with_logprob(logits, s, 0) for s in task.job.fork_sampling]
         task.t_computed = time.monotonic()
         self._num_prompt_tokens += task.num_prompt
         self._num_cached_tokens += task.num_cached
@@ -416,11 +419,14 @@ class PrefillStage:
         now = time.monotonic()
         t_start = task.t_start or now
         t_computed = task.t_computed or now
+        ok = error is None
         task.future.set_result(
             PrefillResult(
                 request_id=task.job.request_id,
                 first_token_id=first_token_id if error is None else -1,
                 first_logprob=task.first_logprob if error is None else None,
+                fork_first_token_ids=tuple(t for t, _ in task.forks_first) if ok else (),
+                fork_first_logprobs=tuple(lp for _, lp in task.forks_first) if ok else (),
                 num_prompt_tokens=task.num_prompt,
                 num_cached_tokens=task.num_cached,
                 error=error,

@@ -11,8 +11,9 @@ from concurrent import futures
 
 import pytest
 
+from common.pages import pages_for_choices
 from common.sampling import SamplingParams
-from decode.jobs import DecodeConfig, DecodeJob
+from decode.jobs import DecodeConfig, DecodeJob, Fork, choice_id
 from decode.mixed import MixedStage
 from decode.stage import DecodeStage
 from kvtransfer import KVReceiver, TransferConfig, accepted_fingerprints, model_fingerprint
@@ -298,3 +299,48 @@ def test_start_beyond_the_reservation_is_an_error(pair, decode_engine):
     decode.start(DecodeJob("short", [1, 2, 3, 4, 5, 6], first_token_id=7, max_tokens=8))
     out = decode.poll("short", 0, timeout_s=0)
     assert out.finished and "reservation holds 10 tokens" in out.error
+
+
+def test_n_choices_share_one_prefill_one_transfer_and_the_prompt_pages(pair, prefill_engine):
+    """Three seeded choices: one prefill samples all three first tokens, one transfer fills
+    choice 0's pages, the others fork on the decode instance; each matches ``generate``."""
+    prefill, decode, receiver = pair
+    alloc = decode.allocator
+    (prompt,) = make_prompts(prefill_engine.config.vocab_size, [37], seed=31)
+    samplings = [SamplingParams(temperature=1.0, seed=7 + i, num_logprobs=1) for i in range(3)]
+    num_tokens = len(prompt) + MAX_TOKENS
+    used_before = alloc.num_used_pages
+    address = decode.reserve("n", num_tokens, 5.0, num_choices=3, prompt_len=len(prompt))
+    held = alloc.num_used_pages - used_before
+    assert held == pages_for_choices(len(prompt), num_tokens, 3, alloc.page_size)
+    job = PrefillJob("n", prompt, samplings[0], address, fork_sampling=tuple(samplings[1:]))
+    result = step_until_done(prefill, prefill.submit(job))
+    assert result.error is None and len(result.fork_first_token_ids) == 2
+    assert prefill.stats().num_prompt_tokens == len(prompt) and receiver.stats["complete"] == 1
+    forks = tuple(
+        Fork(s, t, lp)
+        for s, t, lp in zip(
+            samplings[1:], result.fork_first_token_ids, result.fork_first_logprobs, strict=True
+        )
+    )
+    decode.start(
+        DecodeJob(
+            "n", prompt, result.first_token_id, samplings[0], MAX_TOKENS, ignore_eos=True,
+            first_logprob=result.first_logprob, forks=forks,
+        )
+    )  # fmt: skip
+    drain(decode)
+    for i, sampling in enumerate(samplings):
+        out = decode.poll(choice_id("n", i), 0, timeout_s=0)
+        assert out.token_ids == prefill_engine.generate([prompt], MAX_TOKENS, sampling)[0]
+        assert len(out.logprobs) == MAX_TOKENS
+    assert alloc.num_used_pages == used_before
+
+
+def test_an_unstarted_n_choice_reservation_frees_every_choice(pair):
+    _, decode, _ = pair
+    used_before = decode.allocator.num_used_pages
+    decode.reserve("u", 100, 5.0, num_choices=4, prompt_len=60)
+    assert decode.allocator.num_used_pages > used_before
+    decode.cancel("u")
+    assert decode.allocator.num_used_pages == used_before
