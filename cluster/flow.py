@@ -43,7 +43,7 @@ from cluster.config import ClusterConfig
 from cluster.errors import ApiError, StreamError
 from cluster.messages import WorkerError
 from common.sampling import SamplingParams, TokenLogprob
-from decode.jobs import DecodeJob
+from decode.jobs import DecodeJob, Fork, TokenBatch, choice_id
 from prefill.jobs import PrefillJob
 from scheduler.state import Rejection, RequestSpec, RouteDecision
 
@@ -129,6 +129,7 @@ class _Attempt:
 
     sid: str  # request id on the workers and in the scheduler: "<request id>.<attempt>"
     decision: RouteDecision
+    num_choices: int = 1  # choice i runs on the decode instance as choice_id(sid, i)
     decode: Any = None
     prefill: Any = None
     is_done: bool = False
@@ -141,12 +142,38 @@ class _Attempt:
         self.is_done = True
         handles = [h for h in (self.decode, self.prefill) if h is not None]
 
+        choice_ids = [choice_id(self.sid, i) for i in range(self.num_choices)]
+
         def send() -> None:
             for handle in handles:
-                handle.cancel.remote(self.sid)
+                for rid in choice_ids:  # a prefill knows only choice 0's id
+                    handle.cancel.remote(rid)
             scheduler.on_cancel.remote(self.sid)
 
         detached(send)
+
+
+@dataclass
+class _Placed:
+    """Where a group of choices runs once placed."""
+
+    run: _Attempt
+    decode: Any  # the decode instance's leader handle
+    num_cached: int
+    route_s: float
+
+
+class _Group:
+    """The ``n`` choices of one prompt, placed once for all (``Flow.generate_choices``)."""
+
+    def __init__(self, request_id: str, gens: list[Generation]) -> None:
+        self.request_id = request_id
+        self.gens = gens
+        self.placement: asyncio.Future[_Placed] | None = None
+        self.num_attempts = 0  # routes the placement took
+        self.num_live = len(gens)  # choices still on the shared placement
+        self.is_ttft_reported = False
+        self.t0 = time.monotonic()
 
 
 class Flow:
@@ -191,12 +218,20 @@ class Flow:
         """
         self._cleanup.submit(fn)
 
-    async def generate(self, gen: Generation) -> AsyncIterator[Event]:
-        generated: list[int] = []
-        is_started = False
+    async def generate(
+        self,
+        gen: Generation,
+        generated: list[int] | None = None,
+        first_attempt: int = 1,
+    ) -> AsyncIterator[Event]:
+        """One request's events (module doc). ``generated``/``first_attempt``: resume a choice
+        of ``generate_choices`` that already streamed these tokens (no ``Started`` then)."""
+        is_resume = generated is not None
+        generated = list(generated or [])
+        is_started = is_resume
         last_error = "no attempt made"
         t0 = time.monotonic()
-        for attempt in range(1, self.config.max_attempts + 1):
+        for attempt in range(first_attempt, self.config.max_attempts + 1):
             remaining = gen.max_tokens - len(generated)
             if remaining <= 0:  # the tokens all arrived; only the finish was lost
                 yield Finished("length")
@@ -213,28 +248,21 @@ class Flow:
                 raise StreamError(f"re-route after a worker failure rejected: {error.message}")
             run = _Attempt(sid, decision)
             try:
-                decode, num_cached = await self._place(run, prompt, remaining, gen)
+                decode, num_cached = await self._place(run, prompt, remaining, [gen])
                 if not is_started:
                     is_started = True
                     yield Started(num_cached)
                 cursor = 0
                 while True:
-                    batch = await self._call(
-                        decision.decode_instance_id,
-                        decode.poll.remote(sid, cursor, self.config.poll_timeout_s),
-                    )
+                    batch = await self._poll(decision.decode_instance_id, decode, sid, cursor)
                     cursor = batch.cursor
                     if batch.token_ids:
-                        if not generated:
+                        if not generated and not is_resume:
                             self._report_ttft(time.monotonic() - t0, route_s, run.ttft_parts)
                         generated.extend(batch.token_ids)
                         yield Tokens(batch.token_ids, batch.logprobs)
                     if batch.finished:
-                        if batch.finish_reason == "abort":
-                            raise _Retry(
-                                f"decode {decision.decode_instance_id}: {batch.error or 'aborted'}",
-                                decision.decode_instance_id,
-                            )
+                        _raise_if_aborted(batch, decision.decode_instance_id)
                         run.is_done = True
                         self.scheduler.on_finished.remote(sid)
                         yield Finished(batch.finish_reason or "stop")
@@ -242,12 +270,7 @@ class Flow:
             except _Retry as e:
                 run.abandon(self.scheduler, self.detached)
                 last_error = e.message
-                is_prefill = (
-                    e.instance_id is not None and e.instance_id != decision.decode_instance_id
-                )
-                self.on_reroute("prefill" if is_prefill else "decode")
-                if e.is_dead and e.instance_id is not None:
-                    await self.directory.report_failure(e.instance_id)
+                await self._after_failure(e, decision)
             except BaseException:  # client gone (GeneratorExit, CancelledError), stop string, bug
                 run.abandon(self.scheduler, self.detached)
                 raise
@@ -256,10 +279,147 @@ class Flow:
             raise ApiError(503, message, code="no_capacity", retry_after_s=1.0)
         raise StreamError(message)
 
+    def generate_choices(
+        self, request_id: str, gens: list[Generation]
+    ) -> list[AsyncIterator[Event]]:
+        """The events of each of ``gens``: the choices of one prompt (same prompt, max_tokens
+        and stop conditions; each its own sampling), run as one request (module doc). Start
+        choice 0's iterator first: it places the group, the others wait for that placement."""
+        if len(gens) == 1:
+            return [self.generate(gens[0])]
+        group = _Group(request_id, gens)
+        return [self._choice(group, i) for i in range(len(gens))]
+
+    async def _choice(self, group: _Group, index: int) -> AsyncIterator[Event]:
+        """Choice ``index`` of a group: its share of the placement, then its own stream; a
+        failure after placement resumes it alone (``generate``)."""
+        try:
+            placed = await self._group_placement(group)
+        except BaseException:  # gone while another choice placed the group: leave it
+            if group.placement is not None and group.placement.done():
+                if not group.placement.cancelled() and group.placement.exception() is None:
+                    placed = group.placement.result()
+                    self._leave(group, placed, choice_id(placed.run.sid, index), False)
+            raise
+        yield Started(placed.num_cached)
+        decision = placed.run.decision
+        cid = choice_id(placed.run.sid, index)
+        generated: list[int] = []
+        cursor, state = 0, "running"
+        try:
+            while True:
+                batch = await self._poll(decision.decode_instance_id, placed.decode, cid, cursor)
+                cursor = batch.cursor
+                if batch.token_ids:
+                    if not group.is_ttft_reported:
+                        group.is_ttft_reported = True
+                        ttft_s = time.monotonic() - group.t0
+                        self._report_ttft(ttft_s, placed.route_s, placed.run.ttft_parts)
+                    generated.extend(batch.token_ids)
+                    yield Tokens(batch.token_ids, batch.logprobs)
+                if batch.finished:
+                    _raise_if_aborted(batch, decision.decode_instance_id)
+                    state = "finished"
+                    self._leave(group, placed, cid, is_finished=True)
+                    yield Finished(batch.finish_reason or "stop")
+                    return
+        except _Retry as e:
+            state = "failed"
+            self._leave(group, placed, cid, is_finished=False)
+            await self._after_failure(e, decision)
+        finally:
+            if state == "running":  # client gone, stop string, bug: this choice only
+                self._leave(group, placed, cid, is_finished=False)
+        resumed = self.generate(group.gens[index], generated, group.num_attempts + 1)
+        try:
+            async for event in resumed:
+                yield event
+        finally:
+            await resumed.aclose()
+
+    async def _group_placement(self, group: _Group) -> _Placed:
+        """The group's placement: the first caller places it (``_place_group``), the others
+        wait for that; a failure to place is every choice's."""
+        if group.placement is None:
+            group.placement = asyncio.get_running_loop().create_future()
+            try:
+                placed = await self._place_group(group)
+            except Exception as e:
+                group.placement.set_exception(e)
+                raise
+            except BaseException:
+                group.placement.cancel()
+                raise
+            group.placement.set_result(placed)
+            return placed
+        return await asyncio.shield(group.placement)
+
+    async def _place_group(self, group: _Group) -> _Placed:
+        """Steps 1-2 for all choices at once, re-routed as a whole until a placement holds
+        (no choice has a token yet)."""
+        gen, n = group.gens[0], len(group.gens)
+        last_error = "no attempt made"
+        for attempt in range(1, self.config.max_attempts + 1):
+            group.num_attempts = attempt
+            sid = f"{group.request_id}.{attempt}"
+            t_route = time.monotonic()
+            decision = await self._route(
+                sid, gen.prompt_ids, gen.max_tokens, is_retry=attempt > 1, num_choices=n
+            )
+            route_s = time.monotonic() - t_route
+            if isinstance(decision, Rejection):
+                raise rejection_error(decision)
+            run = _Attempt(sid, decision, num_choices=n)
+            try:
+                decode, num_cached = await self._place(
+                    run, gen.prompt_ids, gen.max_tokens, group.gens
+                )
+                return _Placed(run, decode, num_cached, route_s)
+            except _Retry as e:
+                run.abandon(self.scheduler, self.detached)
+                last_error = e.message
+                await self._after_failure(e, decision)
+            except BaseException:
+                run.abandon(self.scheduler, self.detached)
+                raise
+        message = f"request failed after {self.config.max_attempts} attempts: {last_error}"
+        raise ApiError(503, message, code="no_capacity", retry_after_s=1.0)
+
+    def _leave(self, group: _Group, placed: _Placed, cid: str, is_finished: bool) -> None:
+        """A choice is done with the shared placement: cancel it on the decode instance unless
+        it finished there; the last one out releases the request in the scheduler."""
+        decode, scheduler_sid = placed.decode, placed.run.sid
+        group.num_live -= 1
+        is_last = group.num_live == 0
+        if is_last:
+            placed.run.is_done = True
+
+        def send() -> None:
+            if not is_finished:
+                decode.cancel.remote(cid)
+            if is_last:
+                self.scheduler.on_finished.remote(scheduler_sid)
+
+        self.detached(send)
+
+    async def _after_failure(self, e: _Retry, decision: RouteDecision) -> None:
+        """Count the re-route; a dead instance is reported (out of the scheduler on return)."""
+        is_prefill = e.instance_id is not None and e.instance_id != decision.decode_instance_id
+        self.on_reroute("prefill" if is_prefill else "decode")
+        if e.is_dead and e.instance_id is not None:
+            await self.directory.report_failure(e.instance_id)
+
+    async def _poll(self, instance_id: str, decode: Any, rid: str, cursor: int) -> TokenBatch:
+        """Step 3: every token of ``rid`` past ``cursor`` (a long-poll)."""
+        return await self._call(
+            instance_id, decode.poll.remote(rid, cursor, self.config.poll_timeout_s)
+        )
+
     async def _route(
-        self, sid: str, prompt: list[int], max_tokens: int, is_retry: bool
+        self, sid: str, prompt: list[int], max_tokens: int, is_retry: bool, num_choices: int = 1
     ) -> RouteDecision | Rejection:
-        spec = RequestSpec.from_token_ids(sid, prompt, max_tokens, self.config.scheduler.block_size)
+        block_size = self.config.scheduler.block_size
+        spec = RequestSpec.from_token_ids(sid, prompt, max_tokens, block_size, num_choices)
         deadline = time.monotonic() + REROUTE_TIMEOUT_S
         while True:
             try:
@@ -282,15 +442,19 @@ class Flow:
             await asyncio.sleep(0.5)
 
     async def _place(
-        self, run: _Attempt, prompt: list[int], max_tokens: int, gen: Generation
+        self, run: _Attempt, prompt: list[int], max_tokens: int, gens: list[Generation]
     ) -> tuple[Any, int]:
-        """Steps 2-4 of the contract; returns the decode handle and the cached prompt tokens."""
-        d = run.decision
+        """Step 2 of the contract for the choices ``gens`` of one prompt (choice 0 first: the
+        others fork from it on the decode instance); returns the decode handle and the cached
+        prompt tokens."""
+        d, gen = run.decision, gens[0]
         run.decode = decode = await self.directory.get(d.decode_instance_id)
         if d.is_local_prefill:
+            forks = tuple(Fork(g.sampling) for g in gens[1:])
             job = DecodeJob(
-                run.sid, prompt, None, gen.sampling, max_tokens, gen.stop_token_ids, gen.ignore_eos
-            )
+                run.sid, prompt, None, gen.sampling, max_tokens, gen.stop_token_ids,
+                gen.ignore_eos, forks=forks,
+            )  # fmt: skip
             refused = await self._call(d.decode_instance_id, decode.start.remote(job))
             _raise_if_refused(refused, d.decode_instance_id)
             return decode, d.num_cached_tokens
@@ -298,10 +462,16 @@ class Flow:
         run.prefill = prefill = await self.directory.get(d.prefill_instance_id)
         lease_s = self.config.transfer.lease_s + 2 * d.estimated_ttft_s
         address = await self._call(
-            d.decode_instance_id, decode.reserve.remote(run.sid, len(prompt) + max_tokens, lease_s)
+            d.decode_instance_id,
+            decode.reserve.remote(
+                run.sid, len(prompt) + max_tokens, lease_s, len(gens), len(prompt)
+            ),
         )
         _raise_if_refused(address, d.decode_instance_id)
-        job = PrefillJob(run.sid, prompt, gen.sampling, address, self.config.wire_format)
+        job = PrefillJob(
+            run.sid, prompt, gen.sampling, address, self.config.wire_format,
+            fork_sampling=tuple(g.sampling for g in gens[1:]),
+        )  # fmt: skip
         result = await self._call(d.prefill_instance_id, prefill.prefill.remote(job))
         run.prefill = None  # finished there: nothing left to cancel
         if result.error is not None:
@@ -313,6 +483,12 @@ class Flow:
         }
         # only a prefill that succeeded put its blocks in that instance's prefix cache
         self.scheduler.on_prefill_done.remote(run.sid)
+        forks = tuple(
+            Fork(g.sampling, token_id, logprob)
+            for g, token_id, logprob in zip(
+                gens[1:], result.fork_first_token_ids, result.fork_first_logprobs, strict=True
+            )
+        )
         job = DecodeJob(
             run.sid,
             prompt,
@@ -322,6 +498,7 @@ class Flow:
             gen.stop_token_ids,
             gen.ignore_eos,
             result.first_logprob,
+            forks,
         )
         refused = await self._call(d.decode_instance_id, decode.start.remote(job))
         _raise_if_refused(refused, d.decode_instance_id)
@@ -344,6 +521,11 @@ class Flow:
             raise _Retry(f"instance {instance_id} died: {e}", instance_id, is_dead=True) from e
         except RayTaskError as e:
             raise _Retry(f"instance {instance_id} failed: {e}", instance_id) from e
+
+
+def _raise_if_aborted(batch: TokenBatch, instance_id: str) -> None:
+    if batch.finish_reason == "abort":
+        raise _Retry(f"decode {instance_id}: {batch.error or 'aborted'}", instance_id)
 
 
 def _raise_if_refused(answer: Any, instance_id: str) -> None:

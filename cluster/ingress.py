@@ -321,8 +321,9 @@ class Ingress:
         max_tokens: int | None,
         forced: str = "",
     ) -> Any:
-        """Run the request's ``n`` choices and answer. Choice 0 is placed first: once it is,
-        its prompt's blocks are in a prefix cache, and the other choices' prefills reuse them."""
+        """Run the request's ``n`` choices and answer. They are one request to the cluster
+        (``Flow.generate_choices``: one prefill, forked on the decode instance); choice 0's
+        stream places them, the others start from that placement."""
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty after tokenisation", param="prompt")
         if max_tokens is None:
@@ -343,7 +344,7 @@ class Ingress:
         ]
         flow = await self._get_flow()
         t0 = time.monotonic()
-        streams = [flow.generate(g) for g in gens]
+        streams = flow.generate_choices(request_id, gens)
         try:
             first = await self._start(streams[0])
             # every start ends before any stream is closed (closing a running one is an error)

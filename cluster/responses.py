@@ -1,10 +1,10 @@
 """One response being written: its choices' text, tool calls and logprobs, in OpenAI's shapes.
 
-A request with ``n`` choices runs ``n`` generations (``cluster.flow``); each one's events go
-through a ``Choice`` (stop strings and incremental UTF-8 in ``TextStream``, K2's tool-call
-section in ``ToolCallParser``, tokens and logprobs kept for the answer), and ``Response`` merges
-the choices into one JSON answer or one SSE stream. Usage counts the prompt once and every
-choice's tokens.
+A request with ``n`` choices runs ``n`` generations forked from one prefill
+(``Flow.generate_choices``); each one's events go through a ``Choice`` (stop strings and
+incremental UTF-8 in ``TextStream``, K2's tool-call section in ``ToolCallParser``, tokens and
+logprobs kept for the answer), and ``Response`` merges the choices into one JSON answer or one
+SSE stream. Usage counts the prompt once and every choice's tokens.
 """
 
 from __future__ import annotations

@@ -57,6 +57,12 @@ class DecodeJob:
             raise ValueError(f"request {self.request_id!r}: prompt_ids is empty; send >= 1 token")
         if self.max_tokens < 1:
             raise ValueError(f"request {self.request_id!r}: max_tokens must be >= 1")
+        is_local = self.first_token_id is None
+        if any((f.first_token_id is None) != is_local for f in self.forks):
+            raise ValueError(
+                f"request {self.request_id!r}: give every fork a first token when choice 0 has "
+                "one (prefilled elsewhere), and none when it has none (prefilled here)"
+            )
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import httpx
 import pytest
@@ -229,22 +230,23 @@ def test_disconnecting_from_n_streamed_choices_frees_them_all(url):
     assert_idle_pages(url)
 
 
-def test_later_choices_prefill_from_the_first_ones_prefix_cache(client, url):
-    def cached_on_prefill() -> int:
+def test_n_choices_run_one_prefill_and_fork_on_decode(client, url):
+    def on_prefill(key: str) -> int:
         snap = pools(url)
-        return sum(
-            i["stats"]["num_cached_tokens"] for i in snap["instances"] if i["role"] == "prefill"
-        )
+        return sum(i["stats"][key] for i in snap["instances"] if i["role"] == "prefill")
 
-    prompt = make_prompt(200, seed=23)  # three full 64-token blocks
-    before = cached_on_prefill()
+    prompt = make_prompt(200, seed=23)  # three full 64-token blocks and 8 tokens
+    before = on_prefill("num_prompt_tokens")
     r = client.completions.create(
         model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0, n=3,
         extra_body={"ignore_eos": True, "return_token_ids": True},
     )  # fmt: skip
     assert len({tuple(c.model_extra["token_ids"]) for c in r.choices}) == 1  # greedy: all alike
-    # choices 1 and 2 reused choice 0's blocks (the stats arrive with the next report)
-    wait_for(lambda: cached_on_prefill() - before == 2 * 192, timeout_s=10, what="prefix hits")
+    # one prompt prefilled for three choices (the stats arrive with the next report)
+    wait_for(lambda: on_prefill("num_prompt_tokens") > before, timeout_s=10, what="prefill")
+    time.sleep(0.5)  # several report intervals: a second or third prefill would show by now
+    assert on_prefill("num_prompt_tokens") - before == len(prompt)
+    assert_idle_pages(url)
 
 
 # ---- fields ---------------------------------------------------------------------------------
