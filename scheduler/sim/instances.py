@@ -142,7 +142,6 @@ class SimPrefill:
         cost = self.cost
         budget = float(cost.token_budget)
         duration, num_tokens = cost.step_overhead_s, 0
-        done: list[tuple[SimSeq, Callable[[SimSeq], None]]] = []
         patience = cost.max_skipped_steps
 
         def key(entry: tuple[SimSeq, Callable[[SimSeq], None]]) -> tuple[int, int]:
@@ -168,22 +167,22 @@ class SimPrefill:
             budget -= cost.chunk_cost(start, end - start)
             num_tokens += end - start
             seq.num_computed, seq.num_skipped = end, 0
-            if end == seq.prompt_len:
-                done.append((seq, on_done))
-        for entry in done:
-            self._queue.remove(entry)
+            if end == seq.prompt_len:  # done after its own chunk, not at the end of the step
+                self._queue.remove((seq, on_done))
+                self._num_sending += 1
+                self.loop.after(duration, self._complete, seq, on_done)
         self._throughput.add(num_tokens, duration)
         self.busy_s += duration
-        self.loop.after(duration, self._end_step, done)
+        self.loop.after(duration, self._end_step)
 
-    def _end_step(self, done: list[tuple[SimSeq, Callable[[SimSeq], None]]]) -> None:
-        now = self.loop.now
-        for seq, on_done in done:
-            self.cache.insert(seq)
-            # KV streams per layer while computing: done when the last bytes land.
-            sent_s = max(now, seq.prefill_start_s + self.transfer.seconds(seq.prompt_len))
-            self._num_sending += 1
-            self.loop.at(sent_s + self.transfer.latency_s, self._sent, seq, on_done)
+    def _complete(self, seq: SimSeq, on_done: Callable[[SimSeq], None]) -> None:
+        """Last chunk computed: into the prefix cache; the KV (streamed per layer while it was
+        computed) is at the decode instance when its last bytes land."""
+        self.cache.insert(seq)
+        sent_s = max(self.loop.now, seq.prefill_start_s + self.transfer.seconds(seq.prompt_len))
+        self.loop.at(sent_s + self.transfer.latency_s, self._sent, seq, on_done)
+
+    def _end_step(self) -> None:
         if self._queue:
             self._step()
         else:
