@@ -245,3 +245,29 @@ def test_trace_hashes_share_what_real_prompts_share():
             assert shared(real_hashes[i], real_hashes[j]) == shared(
                 sim[i].block_hashes, sim[j].block_hashes
             )
+
+
+def test_prefill_serves_least_left_first_and_finishes_a_prompt_after_its_own_chunk():
+    """As ``PrefillStage``: of prompts waiting together, the shortest is prefilled first, and a
+    short prompt sharing a step with a long one is done after its own chunk, not the step."""
+    from scheduler.sim.events import EventLoop
+    from scheduler.sim.instances import SimPrefill, SimSeq
+
+    loop = EventLoop()
+    prefill = SimPrefill("p0", loop, TINY, 64)
+    done: dict[str, float] = {}
+
+    def seq(rid: str, n: int) -> SimSeq:
+        return SimSeq(rid, n, 8, tuple(range(len(rid) * 1000, len(rid) * 1000 + n // 64 + 1)),
+                      lambda s: None, lambda s: None)  # fmt: skip
+
+    for rid, n in (("long", 2000), ("mid", 300), ("s", 100)):
+        prefill.submit(seq(rid, n), lambda s: done.setdefault(s.request_id, loop.now))
+    loop.run(lambda: len(done) == 3)
+    assert list(done) == ["s", "mid", "long"]
+    # "s" and "mid" share the first step with a chunk of "long": each leaves after its chunk
+    p = TINY.prefill
+    assert done["s"] == pytest.approx(
+        p.step_overhead_s + p.chunk_s(0, 100) + TINY.transfer.latency_s, abs=1e-3
+    )
+    assert done["s"] < done["mid"] < done["long"]
