@@ -7,9 +7,11 @@ rank advertises a ``FaultProxy`` in front of its KV receiver, so every transfer 
   tokens (the sender resumes, or the request is re-routed);
 - a black hole: the request ends with a 503 that says why, within the leases, and the next
   one is served once the path is back;
-- an ingress replica killed while it streams: its streams end with an error (none hangs),
-  the other replica's streams finish, new requests are served, and the dead replica's
-  requests give their pages back (the decode reader lease) and leave the scheduler's books.
+- an ingress replica killed while it streams and while long prompts wait for their prefill:
+  its streams end with an error (none hangs), the other replica's streams finish, new requests
+  are served, and the dead replica's requests, wherever they were (queued, prefilling, waiting
+  for their transfer, decoding), leave the scheduler's books and give their pages back within
+  seconds (its owner lease lapses), not after the decode reservation lease.
 After each, no page is held and no request is active.
 """
 
@@ -38,6 +40,7 @@ from tests.e2e.fault_proxy import Fault, FaultProxy
 
 APP = "faults"
 READER_TIMEOUT_S = 5.0
+OWNER_LEASE_S = 5.0  # SchedulerConfig.owner_lease_s; the pool manager checks every second
 SETTINGS = {
     "prefill": 1,
     "decode": 1,
@@ -45,6 +48,7 @@ SETTINGS = {
     "reader_timeout_s": READER_TIMEOUT_S,
     "transfer_idle_timeout_s": 2.0,
     "transfer_progress_lease_s": 5.0,
+    "ttft_slo_s": 3600.0,  # faults, not admission: long prompts queue behind each other
 }
 # fp32 latent KV of k2-tiny: 3 layers x (128 + 16) x 4 B = 1,728 B per token; the 4,200-token
 # prompt sends about 7 MB, so these offsets fall inside its transfer
@@ -153,6 +157,8 @@ def _stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
             out["status"] = r.status_code
+            if r.status_code != 200:
+                out["body"] = r.read().decode(errors="replace")[:300]
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -166,6 +172,8 @@ def _stream(url: str, prompt: list[int], max_tokens: int, out: dict) -> None:
                 out["ids"] = list(ids)
     except httpx.HTTPError as e:  # the connection ended mid-body: the client sees an error
         out["error"] = repr(e)
+    finally:
+        out["done"] = True
 
 
 def test_ingress_replica_killed_mid_stream(url, proxy, reference_engine):
@@ -182,18 +190,46 @@ def test_ingress_replica_killed_mid_stream(url, proxy, reference_engine):
     for t in threads:
         t.start()
     wait_for(lambda: all(len(o.get("ids", [])) >= 3 for o in outs), what="every stream started")
+    # long prompts queue for the one prefill instance: the dying replica holds some before
+    # their first token (in the prefill queue or mid-prefill, their decode pages reserved)
+    long_outs: list[dict] = [{} for _ in range(4)]
+    threads += [
+        threading.Thread(
+            target=_stream, args=(url, make_prompt(LONG_PROMPT_LEN, 960 + k), 4, o), daemon=True
+        )
+        for k, o in enumerate(long_outs)
+    ]
+    for t in threads[len(prompts) :]:
+        t.start()
+    time.sleep(1.0)
     ongoing = [ray.get(r.get_num_ongoing_requests.remote()) for r in replicas]
     victim = max(range(2), key=lambda i: ongoing[i])
     assert ongoing[victim] >= 1, ongoing
     ray.kill(replicas[victim], no_restart=True)
+    killed_at = time.monotonic()
+
+    def only_live_requests_held():
+        # every request still in the books is one a client still waits for (the survivors'):
+        # the dead replica's have left it, though nobody cancelled them
+        sched = pools(url)["scheduler"]
+        live = sum(1 for o in outs + long_outs if "done" not in o)
+        return sched["num_active"] + sched["num_queued"] <= live and sched
+
+    wait_for(only_live_requests_held, timeout_s=OWNER_LEASE_S + 10, what="the books let go")
+    print(f"the dead replica's requests left the books {time.monotonic() - killed_at:.1f}s after")
     deadline = time.monotonic() + 180  # the client's own timeout is longer: a hang shows here
     for t in threads:
         t.join(timeout=max(deadline - time.monotonic(), 0))
     assert not any(t.is_alive() for t in threads), "a stream hung after its ingress died"
-    failed = [o for o in outs if "error" in o]
-    done = [(o, e) for o, e in zip(outs, expected, strict=True) if "error" not in o]
-    assert 1 <= len(failed) <= ongoing[victim], (ongoing, outs)
-    print("streams of the dead replica ended with:", [o["error"] for o in failed])
+    # no page held, no request in the books: seconds after the last survivor ended (the
+    # decode reservation lease alone would keep a dead replica's prefill's pages for a minute)
+    assert_idle_pages(url, timeout_s=OWNER_LEASE_S + 5)
+    print("long prompts:", [(o.get("status"), o.get("body"), o.get("error")) for o in long_outs])
+    failed = [o for o in outs + long_outs if "error" in o or o.get("status") != 200]
+    done = [(o, e) for o, e in zip(outs, expected, strict=True) if o not in failed]
+    assert 1 <= len(failed) <= ongoing[victim], (ongoing, outs, long_outs)
+    assert all(len(o["ids"]) == 4 for o in long_outs if o not in failed), long_outs
+    print("requests of the dead replica ended with:", [o.get("error", o) for o in failed])
     for o, e in done:  # the other replica's streams are untouched
         assert o["ids"] == e and o["finish"] == "length"
     # the surviving replica (and Serve's replacement) keep serving
@@ -203,8 +239,7 @@ def test_ingress_replica_killed_mid_stream(url, proxy, reference_engine):
         lambda: _try_complete(url, prompt, 6) == want, timeout_s=60, what="a request served"
     )
     assert [_try_complete(url, prompt, 6) for _ in range(4)] == [want] * 4
-    # the dead replica's requests: nobody polls them, the decode reader lease frees them
-    assert_idle_pages(url, timeout_s=READER_TIMEOUT_S + 60)
+    assert_idle_pages(url, timeout_s=OWNER_LEASE_S + 5)
 
 
 def _try_complete(url: str, prompt: list[int], n: int) -> list[int] | None:
