@@ -155,20 +155,23 @@ class Ledger:
     ) -> tuple[list[tuple[float, int]], float]:
         """``(ends, slot_free_s)`` of ``decode_id``, on the scheduler clock: when each request
         routed there finishes (with its pages), and when a batch slot is next free for one more.
-        The requests take the ``max_batch_size`` slots in the order they start decoding (first
-        token: estimated, then actual), each for ``max_tokens`` steps of ``step_s``; a request
-        whose first token is out waits for a slot like any other (the decode stage's queue).
-        An upper bound: requests usually stop (EOS) before max_tokens. ``slot_free_s`` is
-        -inf while a slot is free."""
+        The requests' choices take the ``max_batch_size`` slots in the order they start
+        decoding (first token: estimated, then actual), each for ``max_tokens`` steps of
+        ``step_s``; a choice whose first token is out waits for a slot like any other (the
+        decode stage's queue); a request's pages free with its last choice. An upper bound:
+        requests usually stop (EOS) before max_tokens. ``slot_free_s`` is -inf while a slot
+        is free."""
         slots: list[float] = []  # heap: when each busy slot frees
         ends = []
         requests = [r for r in self.reservations.values() if r.decode_id == decode_id]
         for r in sorted(requests, key=lambda r: r.decode_start_s):
-            start = r.decode_start_s
-            if len(slots) >= max_batch_size:
-                start = max(start, heapq.heappop(slots))
-            end = start + r.spec.max_tokens * step_s
-            heapq.heappush(slots, end)
+            end = -math.inf
+            for _ in range(r.spec.num_choices):
+                start = r.decode_start_s
+                if len(slots) >= max_batch_size:
+                    start = max(start, heapq.heappop(slots))
+                heapq.heappush(slots, start + r.spec.max_tokens * step_s)
+                end = max(end, start + r.spec.max_tokens * step_s)
             ends.append((end, r.num_pages))
         return ends, slots[0] if len(slots) >= max_batch_size else -math.inf
 

@@ -274,6 +274,15 @@ def test_requests_take_batch_slots_in_turn():
     assert s._books.decode_timeline("d0", 0.1, 2) == ([], -math.inf)
 
 
+def test_each_choice_of_a_request_takes_a_batch_slot():
+    clock = Clock()
+    s = make(num_prefill=1, clock=clock, decode_local_threshold=0, ttft_slo_s=10.0)
+    s.update_decode(DecodeInstanceState("d0", 1000, 1000, max_batch_size=2, decode_step_s=0.1))
+    pair = RequestSpec.from_token_ids("pair", prompt(1, 100), 10, BS, num_choices=2)
+    assert isinstance(s.route(pair), RouteDecision) and s.on_prefill_done("pair")
+    assert s.route(spec("next", prompt(2, 100), 10)).estimated_ttft_s == pytest.approx(1.0)
+
+
 def test_page_wait_counts_the_wait_for_a_batch_slot():
     clock = Clock()
     s = full_batch(clock, max_tokens=10, ttft_slo_s=30.0)
