@@ -2,6 +2,7 @@
 and the ingress's request flow (``cluster/flow.py``) with one actor-call latency per hop.
 
 One request (disaggregated), as the ingress drives it:
+0. the ingress's own serial work (``cluster.ingress_s`` per request, one request at a time);
 1. route (``Scheduler.route``): ``RouteDecision``, ``Rejection`` (recorded), or ``Queued``
    (answered later by ``drain_queue``, which runs after decode reports and finishes and every
    ``drain_interval_s`` while anyone waits, as the scheduler actor does);
@@ -130,8 +131,11 @@ class SimCluster:
             Outcome(r.index, r.arrival_s, r.prompt_len, r.max_tokens) for r in requests
         ]
         self._num_open = len(requests)
-        for r in requests:
-            self.loop.at(r.arrival_s + self.rpc_s, self._route, r, 1)
+        ingress_s, free_at = self.profile.cluster.ingress_s, 0.0
+        for r in sorted(requests, key=lambda r: r.arrival_s):
+            # one ingress: a request's serial work starts when the one before it is done
+            free_at = max(r.arrival_s, free_at) + ingress_s
+            self.loop.at(free_at + self.rpc_s, self._route, r, 1)
         self.loop.run(lambda: self._num_open == 0)
         return self._result()
 

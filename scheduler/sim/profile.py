@@ -10,7 +10,8 @@ A profile holds measured (or, for ``k2-h200``, derived and cited) curves:
   ``base_s + per_seq_s * b + per_kv_token_s * ctx`` (weights read once per step, the KV of
   every sequence read once, a little per-sequence work).
 - transfer: latent KV bytes per token, bytes/s from a prefill to a decode instance, latency.
-- cluster: instance start-up, role move, the latency of one actor call, report interval.
+- cluster: instance start-up, role move, the latency of one actor call, the ingress's serial
+  work per request, report interval.
 Built-in profiles live in ``scheduler/sim/profiles/NAME.json``; ``load_profile`` takes a name
 or a path.
 """
@@ -101,6 +102,9 @@ class ClusterCost:
     startup_s: float = 60.0  # a new instance: placement, weight load, warm-up
     role_move_s: float = 5.0  # drained instance -> the other pool (no weight reload)
     rpc_s: float = 0.001  # one actor call (route, reserve, prefill, start, poll)
+    # The ingress's serial work per request before it routes (HTTP, proxy hop, validation):
+    # a burst of arrivals reaches the scheduler this far apart.
+    ingress_s: float = 0.0
     report_interval_s: float = 0.2
 
 
