@@ -7,6 +7,7 @@ import pytest
 from common.pages import pages_for_choices
 from common.sampling import SamplingParams
 from decode.jobs import DecodeConfig, DecodeJob, Fork, choice_id
+from decode.mixed import MixedStage
 from decode.stage import DecodeStage
 from tests.decode.test_decode_stage import make_prompts, read_all, run_until_idle
 
@@ -83,3 +84,20 @@ def test_choice_0_cancelled_before_its_prompt_is_prefilled_ends_them_all(stage, 
     run_until_idle(stage)
     assert [read_all(stage, choice_id("e", i)).finish_reason for i in range(3)] == ["abort"] * 3
     assert "before its KV" in read_all(stage, choice_id("e", 1)).error
+
+
+def test_colocated_choices_fork_after_one_prefill_into_the_prefix_cache(decode_engine):
+    alloc = decode_engine.cache.allocator
+    stage = MixedStage(decode_engine)
+    used_before = alloc.num_used_pages
+    (prompt,) = make_prompts(decode_engine.config.vocab_size, [50], seed=7)
+    expected = decode_engine.generate([prompt], 4)[0]
+    stage.start(forked_job("m", prompt, 4, [SamplingParams()] * 3))
+    run_until_idle(stage)
+    for i in range(3):
+        assert read_all(stage, choice_id("m", i)).token_ids == expected
+    assert stage.stats().num_prefill_tokens == len(prompt)
+    # only the prompt's full blocks stay, held by the prefix cache
+    assert alloc.num_used_pages - used_before == len(prompt) // alloc.page_size
+    stage.close()
+    assert alloc.num_used_pages == used_before
