@@ -395,8 +395,9 @@ def test_tool_call_tokens_in_any_stream_chunks_give_the_same_answer(tok, content
 
 
 def test_a_rejected_later_choice_fails_the_request_and_cancels_the_others(tok):
-    """Choice 1 gets a 429 while choice 2 is still being placed: the answer is that 429, and
-    every choice that was placed or being placed is closed (its request cancelled)."""
+    """Choice 1's stream fails with a 429 while choice 2's is still starting: the answer is that
+    429, and every choice's stream is closed (its request cancelled). (``Flow`` places the
+    choices together, so they start or fail together; the ingress does not rely on it.)"""
     from cluster.flow import Started
     from cluster.ingress import Ingress
 
@@ -414,6 +415,9 @@ def test_a_rejected_later_choice_fails_the_request_and_cancels_the_others(tok):
                 await asyncio.sleep(10)
             finally:
                 closed.append(gen.request_id[-2:])
+
+        def generate_choices(self, request_id, gens):
+            return [self.generate(g) for g in gens]
 
     async def get_flow():
         return FakeFlow()
