@@ -11,7 +11,7 @@ from concurrent import futures
 
 import pytest
 
-from common.pages import pages_for_choices
+from common.pages import OutOfPagesError, pages_for_choices
 from common.sampling import SamplingParams
 from decode.jobs import DecodeConfig, DecodeJob, Fork, choice_id
 from decode.mixed import MixedStage
@@ -343,4 +343,15 @@ def test_an_unstarted_n_choice_reservation_frees_every_choice(pair):
     decode.reserve("u", 100, 5.0, num_choices=4, prompt_len=60)
     assert decode.allocator.num_used_pages > used_before
     decode.cancel("u")
+    assert decode.allocator.num_used_pages == used_before
+
+
+def test_n_choices_that_do_not_fit_reserve_nothing(pair):
+    _, decode, _ = pair
+    used_before = decode.allocator.num_used_pages
+    with pytest.raises(OutOfPagesError):  # 30 pages, then 29 for each further choice: 117 > 96
+        decode.reserve("big", 16 * 30, 5.0, num_choices=4, prompt_len=16)
+    assert decode.allocator.num_used_pages == used_before
+    decode.reserve("big", 16 * 30, 5.0, num_choices=2, prompt_len=16)  # the id is free again
+    decode.cancel("big")
     assert decode.allocator.num_used_pages == used_before
