@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,11 @@ from model.weights import (
     WeightsError,
     load_weights,
     resident_bytes,
+    weight_map,
 )
 
 DEFAULT_MAX_NUM_TOKENS = 32768
+STAGE_DUTY = 0.1  # the share of the time an EPLB staging thread works (see stage_placement)
 
 
 class Engine:
@@ -281,14 +284,21 @@ class Engine:
         version: int,
         placement: dict[int, list[int]],
         fetch: Callable[[int, list[int]], dict[str, Weight]] | None = None,
+        duty: float = STAGE_DUTY,
     ) -> int:
         """Off the step thread: read the weights of every MoE layer's new slots (experts already
         held are copied, others read from this rank's checkpoint) and publish them for the
         swap. ``version`` (> 0) must be the same on every rank. When this rank's checkpoint
         cannot give a layer's experts (its files are not on this host), ``fetch(layer,
         expert_ids)`` gets them from the peer ranks holding them (``expert_weights`` there).
-        Raises on failure, leaving the served placement untouched. Returns the bytes read."""
+        Raises on failure, leaving the served placement untouched. Returns the bytes read.
+
+        Staging is paced so that the steps running meanwhile keep their speed: it works one
+        expert weight at a time (a read, or a copy into the new stacks) on a low-priority
+        thread and sleeps after each piece, working at most ``duty`` of the time (1: no
+        pause); a piece held back by the steps (the GIL, a busy core) lengthens the pause."""
         assert self.ep is not None and self._source is not None, "placement needs an EP engine"
+        assert 0 < duty <= 1, f"duty must be in (0, 1], got {duty}"
         if self._staged is not None:
             raise RuntimeError(f"placement {self._staged.version} is still being swapped in")
         path, weight_format = self._source
@@ -297,6 +307,27 @@ class Engine:
         if unknown:
             raise ValueError(f"layers {unknown} are not MoE layers")
         num_read = 0
+        mapping: dict[str, str] | None = None  # the checkpoint's index, parsed once
+        pause = _Pacer(duty)
+
+        def read_file(layer: int, expert_ids: list[int]) -> dict[str, Weight]:
+            nonlocal mapping
+            if mapping is None:
+                mapping = weight_map(path)
+            state: dict[str, Weight] = {}
+            for e in expert_ids:
+                state |= load_weights(
+                    path,
+                    self.config,
+                    weight_format=weight_format,
+                    dtype=self.dtype,
+                    device=self.device,
+                    expert_ids=[e],
+                    prefix=f"model.layers.{layer}.mlp.experts.{e}.",
+                    mapping=mapping,
+                )
+                pause()
+            return state
 
         def reader(layer: int) -> Callable[[list[int]], dict[str, Weight]]:
             def read(expert_ids: list[int]) -> dict[str, Weight]:
@@ -304,20 +335,11 @@ class Engine:
                 if not expert_ids:
                     return {}
                 try:
-                    state = load_weights(
-                        path,
-                        self.config,
-                        weight_format=weight_format,
-                        dtype=self.dtype,
-                        device=self.device,
-                        expert_ids=expert_ids,
-                        prefix=f"model.layers.{layer}.mlp.experts.",
-                    )
+                    state = read_file(layer, expert_ids)
                 except WeightsError:
                     if fetch is None:
                         raise
-                    fetched = fetch(layer, expert_ids)  # from the peers: the file is not here
-                    state = {k: _copied(w, self.device) for k, w in fetched.items()}
+                    state = fetch(layer, expert_ids)  # from the peers: the file is not here
                     self.num_peer_bytes += resident_bytes(state.values())
                 num_read += resident_bytes(state.values())
                 return state
@@ -326,7 +348,7 @@ class Engine:
 
         layers = _at_low_priority(
             lambda: {
-                i: (list(p), *moe_layers[i].stage(list(p), reader(i)))
+                i: (list(p), *moe_layers[i].stage(list(p), reader(i), pause))
                 for i, p in sorted(placement.items())
             }
         )
@@ -443,6 +465,23 @@ def _copied(w: Weight, device: str | torch.device) -> Weight:
     if isinstance(w, Fp8Weight):
         return Fp8Weight(w.q.to(device, copy=True), w.scale_inv.to(device, copy=True), w.block)
     return w.to(device, copy=True)
+
+
+class _Pacer:
+    """Called after each piece of background work: sleeps so that the work takes at most
+    ``duty`` of the wall time. A piece is timed in wall seconds, so one that waited (for the
+    GIL, for a core the steps hold) earns a longer pause: the more the steps need the machine,
+    the more staging yields."""
+
+    def __init__(self, duty: float) -> None:
+        self.duty = duty
+        self._start = time.perf_counter()
+
+    def __call__(self) -> None:
+        busy = time.perf_counter() - self._start
+        if self.duty < 1:
+            time.sleep(busy * (1 / self.duty - 1))  # releases the GIL
+        self._start = time.perf_counter()
 
 
 def _at_low_priority(fn: Callable[[], object]) -> object:

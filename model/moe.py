@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from model.layers import MLP, linear
 from model.parallel import ExpertParallel
-from model.weights import Weight, cat_weights, stack_weights
+from model.weights import Fp8Weight, Weight, cat_weights, stack_weights
 
 
 class Router:
@@ -145,17 +145,32 @@ class MoE:
         self.gate_up, self.down = gate_up, down
 
     def stage(
-        self, placement: list[int], load: Callable[[list[int]], dict[str, Weight]]
+        self,
+        placement: list[int],
+        load: Callable[[list[int]], dict[str, Weight]],
+        pause: Callable[[], None] = lambda: None,
     ) -> tuple[Weight, Weight]:
-        """New slot weights for ``placement`` (off the step thread): experts this rank already
-        holds are copied, the others come from ``load(expert_ids)`` (HF-named tensors)."""
-        held = {e: i for i, e in enumerate(self.expert_ids)}
+        """New slot weights for ``placement`` (off the step thread), as ``install`` takes them:
+        experts this rank already holds are copied, the others come from ``load(expert_ids)``
+        (HF-named tensors, or an expert's fused ``<expert>.gate_up`` / ``.down``). The new
+        stacks are filled one expert weight at a time with ``pause()`` after each copy, so
+        that staging never takes a long stretch of the cores or memory bandwidth from the
+        steps. A rank whose slots keep their experts gets its served stacks back (no copy)."""
         wanted = self._slot_experts(placement)
-        state = dict(load(sorted({e for e in wanted if e not in held})))
-        for e, i in held.items():  # already here: no read
-            q = f"{self.prefix}.experts.{e}"
-            state[f"{q}.gate_up"], state[f"{q}.down"] = self.gate_up[i], self.down[i]
-        return expert_stacks(state, self.prefix, wanted)
+        if wanted == self.expert_ids:
+            return self.gate_up, self.down
+        held = {e: i for i, e in enumerate(self.expert_ids)}
+        state = load(sorted({e for e in wanted if e not in held}))
+        gate_up, down = _empty_like(self.gate_up), _empty_like(self.down)
+        for slot, e in enumerate(wanted):
+            if e in held:
+                parts = self.gate_up[held[e]], self.down[held[e]]
+            else:
+                parts = fused_expert(state, self.prefix, e)
+            for stack, w in zip((gate_up, down), parts, strict=True):
+                _copy_into(stack, slot, w)
+                pause()
+        return gate_up, down
 
     def _pick_slots(self, expert: torch.Tensor) -> torch.Tensor:
         """One replica per assignment: the local one if this rank has it, else the replicas in
@@ -220,19 +235,42 @@ class MoE:
         return out
 
 
+def fused_expert(state: dict[str, Weight], prefix: str, e: int) -> tuple[Weight, Weight]:
+    """Expert ``e``'s gate_up [2I, H] (gate and up fused into one matmul) and down [H, I] from
+    ``state``: HF names, or the expert's already fused ``<expert>.gate_up`` / ``.down``."""
+    q = f"{prefix}.experts.{e}"
+    if f"{q}.gate_up" in state:
+        return state[f"{q}.gate_up"], state[f"{q}.down"]
+    gate_up = cat_weights([state[f"{q}.gate_proj.weight"], state[f"{q}.up_proj.weight"]])
+    return gate_up, state[f"{q}.down_proj.weight"]
+
+
 def expert_stacks(
     state: dict[str, Weight], prefix: str, expert_ids: list[int]
 ) -> tuple[Weight, Weight]:
-    """The experts' weights stacked in ``expert_ids`` order: gate_up [E, 2I, H] (gate and up
-    fused into one matmul) and down [E, H, I]. ``state`` holds HF names, or an expert's already
-    fused ``<expert>.gate_up`` / ``<expert>.down``."""
+    """The experts' weights (``fused_expert``) stacked in ``expert_ids`` order: gate_up
+    [E, 2I, H] and down [E, H, I]."""
     gate_up, down = [], []
     for e in expert_ids:
-        q = f"{prefix}.experts.{e}"
-        if f"{q}.gate_up" in state:
-            gate_up.append(state[f"{q}.gate_up"])
-            down.append(state[f"{q}.down"])
-            continue
-        gate_up.append(cat_weights([state[f"{q}.gate_proj.weight"], state[f"{q}.up_proj.weight"]]))
-        down.append(state[f"{q}.down_proj.weight"])
+        g, d = fused_expert(state, prefix, e)
+        gate_up.append(g)
+        down.append(d)
     return stack_weights(gate_up), stack_weights(down)
+
+
+def _empty_like(stack: Weight) -> Weight:
+    if isinstance(stack, Fp8Weight):
+        return Fp8Weight(torch.empty_like(stack.q), torch.empty_like(stack.scale_inv), stack.block)
+    return torch.empty_like(stack)
+
+
+def _copy_into(stack: Weight, i: int, w: Weight) -> None:
+    """``stack[i] = w`` (one expert's weight into a stack of the same kind)."""
+    if isinstance(stack, Fp8Weight):
+        assert isinstance(w, Fp8Weight) and w.block == stack.block, (
+            f"cannot copy {type(w).__name__} into an FP8 stack of block {stack.block}"
+        )
+        stack.q[i].copy_(w.q)
+        stack.scale_inv[i].copy_(w.scale_inv)
+    else:
+        stack[i].copy_(w)

@@ -429,6 +429,7 @@ def load_state_dict(
     expert_ids: list[int] | None = None,
     keep_fp8: bool = False,
     prefix: str = "",
+    mapping: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read the tensors ``expected_shapes(config, expert_ids)`` names, in ``dtype`` on ``device``.
 
@@ -436,7 +437,9 @@ def load_state_dict(
     are dequantised (``q * scale_inv`` per block) unless ``keep_fp8``, which returns the e4m3
     weight and its fp32 ``<name>_scale_inv`` as stored. Raises ``WeightsError`` naming the file
     and tensor for a missing tensor or shard, a wrong shape or dtype, or an unreadable file.
-    ``prefix`` reads only the names that start with it (e.g. one layer's experts).
+    ``prefix`` reads only the names that start with it (e.g. one layer's experts). ``mapping``
+    is the directory's ``weight_map``, for a caller reading it piece by piece (a large index
+    takes long to parse).
     """
     model_dir = Path(model_dir)
     shapes = expected_shapes(config, expert_ids)
@@ -445,7 +448,9 @@ def load_state_dict(
     block = config.fp8_block_size
     fp8_names = {n for n in shapes if config.is_fp8_checkpoint and is_fp8_linear(n)}
     names = [*shapes, *(n + SCALE_SUFFIX for n in fp8_names)]
-    by_file = _group_by_file(model_dir, names, weight_map(model_dir))
+    if mapping is None:
+        mapping = weight_map(model_dir)
+    by_file = _group_by_file(model_dir, names, mapping)
     out: dict[str, torch.Tensor] = {}
     stored: dict[str, torch.Tensor] = {}  # fp8 halves waiting for their partner
     for name, t in _iter_tensors(model_dir, by_file, shapes, fp8_names, block):
@@ -505,10 +510,11 @@ def load_weights(
     device: str | torch.device = "cpu",
     expert_ids: list[int] | None = None,
     prefix: str = "",
+    mapping: dict[str, str] | None = None,
 ) -> dict[str, Weight]:
     """``load_state_dict``, with block-FP8 linears as ``Fp8Weight`` unless ``weight_format`` says
     ``dequantize`` (see ``WeightFormat``); everything else in ``dtype``. ``prefix`` reads only
-    the names that start with it."""
+    the names that start with it; ``mapping`` is the directory's ``weight_map`` if known."""
     try:
         fmt = WeightFormat(weight_format)
     except ValueError:
@@ -528,5 +534,6 @@ def load_weights(
         expert_ids=expert_ids,
         keep_fp8=keep_fp8,
         prefix=prefix,
+        mapping=mapping,
     )
     return fold_fp8_pairs(state, config.fp8_block_size) if keep_fp8 else dict(state)
