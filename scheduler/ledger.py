@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from scheduler.state import DecodeInstanceState, PrefillInstanceState, RequestSpec, Role
 
+Timeline = tuple[list[tuple[float, int]], float]  # Ledger.decode_timeline: (ends, slot_free_s)
+
 
 class UnknownInstanceError(KeyError):
     """A report or removal for an instance the scheduler does not know (add_instance first)."""
@@ -85,6 +87,10 @@ class Ledger:
     def __init__(self) -> None:
         self.instances: dict[str, InstanceBook] = {}
         self.reservations: dict[str, Reservation] = {}
+        # decode_timeline's answers until a reservation changes (a drain of a long queue asks
+        # the same question once per waiting request)
+        self._version = 0
+        self._timelines: dict[str, tuple[tuple[int, float, int], Timeline]] = {}
 
     def get(self, instance_id: str) -> InstanceBook:
         book = self.instances.get(instance_id)
@@ -100,6 +106,7 @@ class Ledger:
     def remove_instance(self, instance_id: str) -> list[Reservation]:
         """Drop the instance; release and return the reservations that lost their decode
         instance or their (unfinished) prefill instance."""
+        self._timelines.pop(instance_id, None)
         if self.instances.pop(instance_id, None) is None:
             return []
         lost = [
@@ -114,6 +121,7 @@ class Ledger:
     def reserve(self, r: Reservation) -> None:
         assert r.spec.request_id not in self.reservations, "request already holds a reservation"
         self.reservations[r.spec.request_id] = r
+        self._version += 1
         d = self.instances[r.decode_id]
         d.num_reserved_pages += r.num_pages
         d.num_assigned += 1
@@ -130,6 +138,7 @@ class Ledger:
         if p is not None and p.can_prefill:  # decode-only instances keep no prefix cache
             p.recent_hashes.update(dict.fromkeys(r.spec.block_hashes, now))
         r.decode_start_s = now
+        self._version += 1
         return True
 
     def forget_recent(self, instance_id: str, before: float) -> None:
@@ -141,6 +150,7 @@ class Ledger:
         r = self.reservations.pop(request_id, None)
         if r is None:
             return False
+        self._version += 1
         if not r.is_prefill_done:
             self._release_prefill(r)
         d = self.instances.get(r.decode_id)
@@ -150,9 +160,7 @@ class Ledger:
             assert d.num_reserved_pages >= 0 and d.num_assigned >= 0, f"books of {d.instance_id}"
         return True
 
-    def decode_timeline(
-        self, decode_id: str, step_s: float, max_batch_size: int
-    ) -> tuple[list[tuple[float, int]], float]:
+    def decode_timeline(self, decode_id: str, step_s: float, max_batch_size: int) -> Timeline:
         """``(ends, slot_free_s)`` of ``decode_id``, on the scheduler clock: when each request
         routed there finishes (with its pages), and when a batch slot is next free for one more.
         The requests' choices take the ``max_batch_size`` slots in the order they start
@@ -161,6 +169,10 @@ class Ledger:
         decode stage's queue); a request's pages free with its last choice. An upper bound:
         requests usually stop (EOS) before max_tokens. ``slot_free_s`` is -inf while a slot
         is free."""
+        key = (self._version, step_s, max_batch_size)
+        cached = self._timelines.get(decode_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         slots: list[float] = []  # heap: when each busy slot frees
         ends = []
         requests = [r for r in self.reservations.values() if r.decode_id == decode_id]
@@ -173,7 +185,9 @@ class Ledger:
                 heapq.heappush(slots, start + r.spec.max_tokens * step_s)
                 end = max(end, start + r.spec.max_tokens * step_s)
             ends.append((end, r.num_pages))
-        return ends, slots[0] if len(slots) >= max_batch_size else -math.inf
+        timeline = (ends, slots[0] if len(slots) >= max_batch_size else -math.inf)
+        self._timelines[decode_id] = (key, timeline)
+        return timeline
 
     def _release_prefill(self, r: Reservation) -> None:
         r.is_prefill_done = True

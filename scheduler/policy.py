@@ -33,7 +33,7 @@ from scheduler.estimate import (
     page_wait_s,
     ttft_budget_s,
 )
-from scheduler.ledger import InstanceBook, Ledger, Orphan, Reservation
+from scheduler.ledger import InstanceBook, Ledger, Orphan, Reservation, Timeline
 from scheduler.state import (
     DecodeInstanceState,
     PrefillInstanceState,
@@ -346,7 +346,7 @@ class Scheduler:
         _, slot_free_s = self._timeline(d)
         return max(slot_free_s - self.clock(), 0.0)
 
-    def _timeline(self, d: InstanceBook) -> tuple[list[tuple[float, int]], float]:
+    def _timeline(self, d: InstanceBook) -> Timeline:
         assert d.decode is not None
         step_s = d.decode.decode_step_s or self.config.default_decode_step_s
         return self._books.decode_timeline(d.instance_id, step_s, d.decode.max_batch_size)
