@@ -24,12 +24,18 @@ fraction of slots whose expert changed per rebalance, plan time.
 
 Part 2, live (``part2_live``, skipped with ``--skip-live``): an EP2 ``k2-small`` instance (two
 rank processes over gloo, 32+8 slots per MoE layer) with a router bias that makes 4 experts of
-rank 0 hot (rank balancedness ~0.6 without EPLB), in one run: decode steps at batch 32 and
-prefills of 1024 tokens per rank with EPLB off (the default placement), on (after a live
-rebalance planned by ``scheduler.eplb.rebalance`` from the off window) and with the bias
-removed (the ideal); the longest step while a placement is staged in the background and
-swapped in, against the median EPLB-off step; greedy tokens of every phase against EPLB off.
-See ``bench/eplb_ep.py`` for what a rank runs.
+rank 0 hot (rank balancedness ~0.6 without EPLB), in one run: decode steps at batch 32 (the
+headline) and 128 and 256 (``decode_batch_sweep``), and prefills of 1024 tokens per rank, with
+EPLB off (the default placement), on (after a live rebalance planned by
+``scheduler.eplb.rebalance`` from the off window) and with the bias removed (the ideal),
+measured in the order ideal, off, on, off, ideal; the longest step while a placement is staged
+in the background and swapped in, against the median EPLB-off step (and the same ratio for the
+phases without a rebalance, the noise floor); greedy tokens of every phase against EPLB off.
+Per rank, the median step less its seconds in the collectives (``rank_busy_ms``: its own work;
+the gap between the ranks is what the skew costs). The share of the off-to-ideal gap recovered
+is reported only where that gap exceeds twice the noise (the difference between the two
+measurements of one layout, or the standard error of the medians' difference); elsewhere it is
+null with the reason (``gap_note``). See ``bench/eplb_ep.py`` for what a rank runs.
 """
 
 from __future__ import annotations
@@ -268,8 +274,15 @@ GAP_TARGET, STEP_RATIO_TARGET = 0.8, 1.25
 
 
 def _runs(records: list[dict], phase: str, part: str) -> list[dict]:
-    """Every rank's record of one phase (``part`` "prefill": its prefills; "": decode)."""
-    return [r["phases"][phase][part] if part else r["phases"][phase] for r in records]
+    """Every rank's record of one phase (``part`` "": decode at BATCH; "prefill": its
+    prefills; "sweep/B": decode at batch B)."""
+    runs = []
+    for r in records:
+        x = r["phases"][phase]
+        for key in part.split("/") if part else ():
+            x = x[key]
+        runs.append(x)
+    return runs
 
 
 def _instance_steps(records: list[dict], phase: str, part: str = "") -> list[float]:
@@ -284,20 +297,48 @@ def _rank_balancedness(records: list[dict], phase: str, part: str = "") -> float
     return float(np.mean(rows) / max(rows))
 
 
+def _rank_busy_ms(records: list[dict], phases: tuple[str, ...], part: str) -> list[float]:
+    """Per rank, the median over the phases' decode steps of its own work: the step less its
+    seconds in the collectives (where it waits for the slower rank)."""
+    per_rank = zip(*(_runs(records, p, part) for p in phases), strict=True)
+    return [
+        median(s - c for x in runs for s, c in zip(x["seconds"], x["comm"], strict=True)) * 1e3
+        for runs in per_rank
+    ]
+
+
+def _median_se(xs: list[float]) -> float:
+    """Standard error of the median of ``xs`` (normal approximation, spread from the MAD, so
+    that a few long steps do not set it)."""
+    m = median(xs)
+    mad = median(abs(x - m) for x in xs)
+    return 1.2533 * 1.4826 * mad / len(xs) ** 0.5
+
+
 def _three_ways(records: list[dict], part: str, tokens_per_step: int) -> dict:
     """EPLB off / on / ideal for decode steps or prefills: median step, tokens/s, rank
-    balancedness, speedup (on over off) and the share of the off-to-ideal gap recovered."""
+    balancedness, speedup (on over off) and the share of the off-to-ideal gap recovered.
 
-    def steps(*phases: str) -> float:
-        return median([x for p in phases for x in _instance_steps(records, p, part)])
-
-    t = {
-        "eplb_off": steps("off", "off2"),
-        "eplb_on": steps("on"),
-        "ideal": steps("ideal", "ideal2"),
-    }
+    The gap is defined only where off is slower than the ideal by more than twice the noise:
+    the larger of the difference between the two measurements of one layout (off and off2,
+    ideal and ideal2, taken before and after the EPLB-on phase) and the standard error of the
+    difference of the medians. Elsewhere ``gap_recovered`` is None and ``gap_note`` says why."""
+    s = {p: _instance_steps(records, p, part) for p in ("off", "off2", "on", "ideal", "ideal2")}
+    off, ideal = s["off"] + s["off2"], s["ideal"] + s["ideal2"]
+    t = {"eplb_off": median(off), "eplb_on": median(s["on"]), "ideal": median(ideal)}
     gap = t["eplb_off"] - t["ideal"]
-    return {
+    repeat = max(
+        abs(median(s["off"]) - median(s["off2"])), abs(median(s["ideal"]) - median(s["ideal2"]))
+    )
+    noise = max(repeat, (_median_se(off) ** 2 + _median_se(ideal) ** 2) ** 0.5)
+    note = None
+    if gap <= 2 * noise:
+        note = (
+            f"undefined: off - ideal = {gap * 1e3:.2f} ms per step is not above twice the "
+            f"noise ({noise * 1e3:.2f} ms: the repeats of one layout differ by "
+            f"{repeat * 1e3:.2f} ms)"
+        )
+    figures = {
         "tokens_per_s": {k: tokens_per_step / v for k, v in t.items()},
         "median_step_ms": {k: v * 1e3 for k, v in t.items()},
         "rank_balancedness": {
@@ -305,8 +346,21 @@ def _three_ways(records: list[dict], part: str, tokens_per_step: int) -> dict:
             for k, p in (("eplb_off", "off"), ("eplb_on", "on"), ("ideal", "ideal"))
         },
         "speedup": t["eplb_off"] / t["eplb_on"],
-        "gap_recovered": (t["eplb_off"] - t["eplb_on"]) / gap if gap > 0 else None,
+        "gap_ms": gap * 1e3,
+        "noise_ms": noise * 1e3,
+        "gap_recovered": None if note else (t["eplb_off"] - t["eplb_on"]) / gap,
+        "gap_note": note,
     }
+    if part != "prefill":
+        figures["rank_busy_ms"] = {
+            k: _rank_busy_ms(records, ps, part)
+            for k, ps in (
+                ("eplb_off", ("off", "off2")),
+                ("eplb_on", ("on",)),
+                ("ideal", ("ideal", "ideal2")),
+            )
+        }
+    return figures
 
 
 def _changed_sequences(records: list[dict], steps: int) -> int:
@@ -345,23 +399,28 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
     """EP2 k2-small, skewed routing: EPLB off, on (after a live rebalance), and the balanced
     ideal, in one run (``bench/eplb_ep.py`` runs the ranks; see its docstring)."""
     from bench.engine_ep import launch
-    from bench.eplb_ep import BATCH, CONTEXT, PREFILL_LEN
+    from bench.eplb_ep import BATCH, CONTEXT, PREFILL_LEN, SWEEP
     from model.checkpoint import make_model
 
     if not (model_dir / "config.json").exists():
         print(f"generating k2-small into {model_dir} ...", flush=True)
         make_model("k2-small", model_dir, seed=0)
     steps, live_steps, prefill_reps = (24, 40, 3) if quick else (48, 80, 6)
+    sweep_steps = [8 if quick else 24 for _ in SWEEP]
     common = ["--model-dir", str(model_dir), "--redundant", str(LIVE_REDUNDANT)]
     common += ["--max-moved-fraction", str(MOVED_TARGET), "--steps", str(steps)]
     common += ["--live-steps", str(live_steps), "--prefill-reps", str(prefill_reps)]
+    common += ["--sweep-steps", *map(str, sweep_steps)]
     script = str(Path(__file__).with_name("eplb_ep.py"))
     records = launch(LIVE_RANKS, 1, common, 1800, script=script)
 
     decode = _three_ways(records, "", BATCH)
+    sweep = {BATCH: decode} | {b: _three_ways(records, f"sweep/{b}", b) for b in SWEEP}
     prefill = _three_ways(records, "prefill", LIVE_RANKS * PREFILL_LEN)
     t_off = decode["median_step_ms"]["eplb_off"] / 1e3
     live = {name: _live_rebalance(records, name, t_off) for name in ("live", "live_back")}
+    # the same ratio for the phases without a rebalance: how long a step gets from noise alone
+    quiet = max(max(_instance_steps(records, p)) / t_off for p in ("off", "on", "off2"))
     reference = [r["phases"]["off"]["tokens"] for r in records]  # phases replay the same steps
     identical = {
         p: [r["phases"][p]["tokens"][:steps] for r in records] == reference
@@ -388,6 +447,8 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
             "context": CONTEXT,
             "prefill_tokens_per_rank": PREFILL_LEN,
             "steps_per_phase": steps,
+            "sweep_batches": list(SWEEP),
+            "sweep_steps_per_phase": sweep_steps,
             "live_steps": live_steps,
             "prefill_reps": prefill_reps,
             "hot_experts": first["hot_experts"],
@@ -402,13 +463,42 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
         "rank_balancedness": decode["rank_balancedness"],
         "eplb_decode_speedup": decode["speedup"],
         "eplb_gap_recovered": decode["gap_recovered"],
+        "eplb_gap_note": decode["gap_note"],
+        "rank_busy_ms": decode["rank_busy_ms"],
+        "decode_batch_sweep": {
+            str(b): {
+                k: v[k]
+                for k in (
+                    "tokens_per_s",
+                    "median_step_ms",
+                    "rank_busy_ms",
+                    "rank_balancedness",
+                    "speedup",
+                    "gap_ms",
+                    "noise_ms",
+                    "gap_recovered",
+                    "gap_note",
+                )
+            }
+            for b, v in sweep.items()
+        },
         "prefill": {**prefill, "first_tokens_identical": prefill_identical},
         "rebalance_step_ratio": max(v["rebalance_step_ratio"] for v in live.values()),
+        "longest_step_ratio_without_rebalance": quiet,
         "live_rebalances": live,
         "moved_slots": int(moved),
         "moved_fraction": moved / (len(first["placement"]) * first["num_slots"]),
         "plan_ms": first["plan_s"] * 1e3,
         "greedy_tokens_identical_to_off": identical,
+        "sweep_tokens_identical_to_off": {
+            str(b): all(
+                r["phases"][p]["sweep"][str(b)]["tokens"]
+                == r["phases"]["off"]["sweep"][str(b)]["tokens"]
+                for r in records
+                for p in ("on", "off2")
+            )
+            for b in SWEEP
+        },
         "sequences_with_changed_tokens": _changed_sequences(records, steps),
         "failed_rebalances": sum(len(v["errors"]) for v in live.values()),
         "step_ms": {
@@ -421,38 +511,45 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
         "rebalance_step_ratio_le_1.25": result["rebalance_step_ratio"] <= STEP_RATIO_TARGET,
         "no_failure": result["sequences_with_changed_tokens"] == 0
         and result["failed_rebalances"] == 0
-        and prefill_identical,
+        and prefill_identical
+        and all(result["sweep_tokens_identical_to_off"].values()),
     }
     _print_live(result)
     return result
 
 
 def _fmt_gap(x: float | None) -> str:
-    return "n/a (ideal not faster than off)" if x is None else f"{x:.2f}"
+    return "undefined" if x is None else f"{x:.2f}"
 
 
 def _print_live(r: dict) -> None:
     print(f"\npart 2: EP{LIVE_RANKS} k2-small, skewed routing (rank balancedness: mean/max rows)")
-    print(f"{'part':<24} {'layout':<9} {'tok/s':>8} {'step ms':>8} {'vs off':>7} {'rank bal':>9}")
+    head = f"{'part':<24} {'layout':<9} {'tok/s':>8} {'step ms':>8} {'vs off':>7} {'rank bal':>9}"
+    print(f"{head} {'busy ms r0/r1':>15}")
     p = r["prefill"]
     parts = {
-        f"decode b={r['setup']['decode_batch']}": (
-            r["decode_tokens_per_s"],
-            r["median_step_ms"],
-            r["rank_balancedness"],
-        ),
-        f"prefill {r['setup']['prefill_tokens_per_rank']} tok/rank": (
-            p["tokens_per_s"],
-            p["median_step_ms"],
-            p["rank_balancedness"],
-        ),
+        f"decode b={b}": (v["tokens_per_s"], v["median_step_ms"], v["rank_balancedness"], v)
+        for b, v in r["decode_batch_sweep"].items()
     }
-    for part, (tps, ms, bal) in parts.items():
+    parts[f"prefill {r['setup']['prefill_tokens_per_rank']} tok/rank"] = (
+        p["tokens_per_s"],
+        p["median_step_ms"],
+        p["rank_balancedness"],
+        p,
+    )
+    for part, (tps, ms, bal, v) in parts.items():
         for name in ("eplb_off", "eplb_on", "ideal"):
+            busy = v.get("rank_busy_ms", {}).get(name)
+            busy_s = "/".join(f"{x:.1f}" for x in busy) if busy else ""
             print(
                 f"{part:<24} {name:<9} {tps[name]:>8.1f} {ms[name]:>8.2f} "
-                f"{tps[name] / tps['eplb_off']:>7.3f} {bal[name]:>9.3f}"
+                f"{tps[name] / tps['eplb_off']:>7.3f} {bal[name]:>9.3f} {busy_s:>15}"
             )
+    for part, (_, _, _, v) in parts.items():
+        print(
+            f"{part}: speedup {v['speedup']:.3f}, gap recovered {_fmt_gap(v['gap_recovered'])}"
+            + (f" ({v['gap_note']})" if v["gap_note"] else "")
+        )
     for name, v in r["live_rebalances"].items():
         print(
             f"{name}: longest step {v['longest_step_ms']:.1f} ms = "
@@ -461,14 +558,16 @@ def _print_live(r: dict) -> None:
             f"{v['bytes_staged'] / 1e6:.1f} MB read; errors {v['errors'] or 'none'}"
         )
     print(
-        f"decode: eplb_decode_speedup {r['eplb_decode_speedup']:.3f}, eplb_gap_recovered "
-        f"{_fmt_gap(r['eplb_gap_recovered'])} (target >= {GAP_TARGET}); prefill: speedup "
-        f"{p['speedup']:.3f}, gap recovered {_fmt_gap(p['gap_recovered'])}"
+        f"eplb_decode_speedup {r['eplb_decode_speedup']:.3f}, eplb_gap_recovered "
+        f"{_fmt_gap(r['eplb_gap_recovered'])} (target >= {GAP_TARGET}, decode b="
+        f"{r['setup']['decode_batch']})"
     )
     print(
-        f"rebalance_step_ratio {r['rebalance_step_ratio']:.2f} (target <= {STEP_RATIO_TARGET}), "
-        f"moved {r['moved_slots']} slots ({r['moved_fraction']:.1%}), plan {r['plan_ms']:.1f} ms, "
-        f"greedy identical {r['greedy_tokens_identical_to_off']}; targets met {r['targets_met']}"
+        f"rebalance_step_ratio {r['rebalance_step_ratio']:.2f} (target <= {STEP_RATIO_TARGET}; "
+        f"without a rebalance {r['longest_step_ratio_without_rebalance']:.2f}), moved "
+        f"{r['moved_slots']} slots ({r['moved_fraction']:.1%}), plan {r['plan_ms']:.1f} ms, "
+        f"greedy identical {r['greedy_tokens_identical_to_off']}, sweep "
+        f"{r['sweep_tokens_identical_to_off']}; targets met {r['targets_met']}"
     )
 
 

@@ -19,7 +19,12 @@ the positions the previous one wrote, so every phase starts from the same state)
 5. ``live_back`` (a second live rebalance, back to the default placement), ``off2``,
    ``ideal2``: the same measurements again, later in the run, for the spread.
 
-Per step each rank records its seconds, whether a staged placement was pending, and the
+Every measured phase (not the live ones) also decodes the ``SWEEP`` batches (``sweep``: the
+first sequences of one shared set; a step rewrites the KV at its position before reading it,
+so a batch's tokens do not depend on what ran before) and runs the prefills.
+
+Per step each rank records its seconds, its seconds in the collectives (all-to-alls and the
+tick, waiting for the slower rank included), whether a staged placement was pending, and the
 tokens; per phase, the expert rows it computed (``ExpertParallel.num_rows_received``). Rank 0
 gathers every rank's record and writes them as JSON for ``bench/eplb.py`` to summarise.
 """
@@ -44,7 +49,8 @@ from model.engine import Engine  # noqa: E402
 from model.parallel import ExpertParallel  # noqa: E402
 from scheduler.eplb import rebalance  # noqa: E402
 
-BATCH = 32  # decode sequences over the instance
+BATCH = 32  # decode sequences over the instance (the issue's figure; the live rebalances run at it)
+SWEEP = (128, 256)  # larger decode batches measured in every phase too (``sweep``)
 CONTEXT = 256  # tokens of context per decode sequence
 PREFILL_LEN = 1024  # tokens per rank per prefill step (one chunk)
 HOT = 4  # experts made hot by the router bias
@@ -82,21 +88,26 @@ def set_skew(engine: Engine, base: dict[int, torch.Tensor], hot: list[int], on: 
 
 def run_phase(engine: Engine, seqs: list[str], first: list[int], steps: int) -> dict:
     """``steps`` greedy decode steps from ``first`` tokens at positions CONTEXT..; per step its
-    seconds, whether a staged placement was pending before it, and the chosen tokens."""
+    seconds, the seconds this rank spent in the collectives (all-to-alls and the tick: waiting
+    for the slower rank included, so the rest is this rank's own work), whether a staged
+    placement was pending before it, and the chosen tokens."""
     ep = engine.ep
     assert ep is not None
     rows_before = ep.num_rows_received
     counts_before = {i: c.clone() for i, c in engine.expert_counts.items()}
-    tokens, seconds, pending, out = list(first), [], [], []
+    tokens, seconds, comm, pending, out = list(first), [], [], [], []
     for s in range(steps):
         pending.append(engine.is_resharding)
+        ep.reset_timers()
         start = time.perf_counter()
         logits = engine.decode(seqs, tokens, [CONTEXT + s] * len(seqs))
         seconds.append(time.perf_counter() - start)
+        comm.append(ep.comm_seconds + ep.tick_seconds)
         tokens = logits.argmax(dim=-1).tolist()
         out.append(tokens)
     return {
         "seconds": seconds,
+        "comm": comm,
         "pending": pending,
         "tokens": out,
         "rows": ep.num_rows_received - rows_before,
@@ -189,6 +200,9 @@ def rank_main(argv: list[str]) -> None:
     ap.add_argument("--max-moved-fraction", type=float, required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--live-steps", type=int, required=True)
+    ap.add_argument(
+        "--sweep-steps", type=int, nargs=len(SWEEP), required=True, help="steps per SWEEP batch"
+    )
     ap.add_argument("--prefill-reps", type=int, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -199,17 +213,19 @@ def rank_main(argv: list[str]) -> None:
         args.address, args.rank, args.num_ranks, config.n_routed_experts, num_slots=num_slots
     )
     batch = BATCH // args.num_ranks
-    steps = max(args.steps, args.live_steps)
+    sweep = {b // args.num_ranks: n for b, n in zip(SWEEP, args.sweep_steps, strict=True)}
+    most = max(batch, *sweep)  # the batches share their sequences (each step rewrites its KV)
+    steps = max(args.steps, args.live_steps, *sweep.values())
     engine = Engine.load(
         args.model_dir,
         dtype=torch.float32,
         chunk_size=PREFILL_LEN,
-        max_num_tokens=batch * (CONTEXT + steps + 64) + PREFILL_LEN,
+        max_num_tokens=most * (CONTEXT + steps + 64) + PREFILL_LEN,
         ep=ep,
     )
-    seqs = decode_context(engine, batch, steps)
+    seqs = decode_context(engine, most, steps)
     g = torch.Generator().manual_seed(args.rank)
-    first = torch.randint(0, config.vocab_size, (batch,), generator=g).tolist()
+    first = torch.randint(0, config.vocab_size, (most,), generator=g).tolist()
     base = {i: moe.router.bias.clone() for i, moe in engine.model.moe_layers.items()}
     hot = hot_experts(ep)
     default = engine.placement
@@ -219,19 +235,26 @@ def rank_main(argv: list[str]) -> None:
 
     def measure() -> dict:
         return {
-            **run_phase(engine, seqs, first, args.steps),
+            **run_phase(engine, seqs[:batch], first[:batch], args.steps),
+            "sweep": {
+                str(b * args.num_ranks): run_phase(engine, seqs[:b], first[:b], n)
+                for b, n in sweep.items()
+            },
             "prefill": run_prefills(engine, prompt, args.prefill_reps),
         }
 
-    run_phase(engine, seqs, first, 4)  # warm-up
+    for b in (batch, *sweep):
+        run_phase(engine, seqs[:b], first[:b], 2)  # warm-up
     run_prefills(engine, prompt, 1)
     phases: dict[str, dict] = {"ideal": measure()}
     set_skew(engine, base, hot, on=True)
     phases["off"] = measure()
     placement, plan_s = plan(engine, ep, phases["off"], max_moved)
-    phases["live"] = live_phase(engine, 1, placement, seqs, first, args.live_steps)
+    phases["live"] = live_phase(engine, 1, placement, seqs[:batch], first[:batch], args.live_steps)
     phases["on"] = measure()
-    phases["live_back"] = live_phase(engine, 2, default, seqs, first, args.live_steps)
+    phases["live_back"] = live_phase(
+        engine, 2, default, seqs[:batch], first[:batch], args.live_steps
+    )
     phases["off2"] = measure()
     set_skew(engine, base, hot, on=False)
     phases["ideal2"] = measure()
