@@ -103,7 +103,9 @@ class ClusterCost:
     role_move_s: float = 5.0  # drained instance -> the other pool (no weight reload)
     rpc_s: float = 0.001  # one actor call (route, reserve, prefill, start, poll)
     # The ingress's serial work per request before it routes (HTTP, proxy hop, validation):
-    # a burst of arrivals reaches the scheduler this far apart.
+    # a burst of arrivals reaches the scheduler this far apart. bench/sim_fidelity.py measures
+    # it as the excess spread of a burst's first tokens, so it also holds any other per-request
+    # serial cost on the path that the profile does not price (on a 2-core box, all CPU work).
     ingress_s: float = 0.0
     report_interval_s: float = 0.2
 
