@@ -50,6 +50,7 @@ from cluster.metrics import PoolMetrics
 from cluster.placement import cluster_has_gpus
 from cluster.planning import PlannerFeed
 from cluster.rebalance import rebalance_instance
+from decode.jobs import choice_id
 from scheduler.actor import make_scheduler_actor
 from scheduler.planner import SLO
 from scheduler.pool_policy import PoolDecision, PoolPolicy
@@ -430,7 +431,8 @@ class PoolManager:
         for o in orphans:
             for uid in o.instance_ids:
                 if uid in handles:  # a rank gone meanwhile took its requests with it
-                    handles[uid].cancel.remote(o.request_id)
+                    for i in range(o.num_choices):  # a prefill knows only choice 0's id
+                        handles[uid].cancel.remote(choice_id(o.request_id, i))
         log.warning("cancelled %d requests of dead ingress replicas", len(orphans))
 
     async def _scheduler_stats(self) -> Any:

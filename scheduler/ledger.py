@@ -75,10 +75,12 @@ class Reservation:
 @dataclass(frozen=True)
 class Orphan:
     """A request the scheduler let go because its owner's lease lapsed (the ingress replica
-    that routed it died): cancel it on ``instance_ids`` (none: it was still queued)."""
+    that routed it died): cancel it, and each of its ``num_choices`` choices, on
+    ``instance_ids`` (none: it was still queued)."""
 
     request_id: str
     instance_ids: tuple[str, ...]
+    num_choices: int = 1
 
 
 class Ledger:

@@ -218,7 +218,7 @@ class Scheduler:
         for r in [r for r in self._books.reservations.values() if r.owner in gone]:
             self._books.release(r.spec.request_id)
             held = (r.decode_id,) if r.prefill_id == r.decode_id else (r.prefill_id, r.decode_id)
-            orphans.append(Orphan(r.spec.request_id, held))
+            orphans.append(Orphan(r.spec.request_id, held, r.spec.num_choices))
         return orphans
 
     # ---- queries ------------------------------------------------------------------------------

@@ -320,6 +320,12 @@ def test_requests_of_an_owner_whose_lease_lapsed_are_let_go():
     assert s.reserved_pages("d0") == 41 + kept.num_reserved_pages
     assert s.pending_prefill_tokens("p0") == 2560 + 500
     assert s.expire_owners() == []  # once
+    pair = RequestSpec.from_token_ids("pair", prompt(7, 100), 8, BS, num_choices=3)
+    assert isinstance(s.route(pair, owner="ingress-3"), RouteDecision)
+    clock.now += 3.0
+    s.renew("ingress-2")
+    clock.now += 2.5
+    assert [(o.request_id, o.num_choices) for o in s.expire_owners()] == [("pair", 3)]
     # a replica that comes back starts a new lease with its next route
     assert isinstance(s.route(spec("a2", prompt(6, 100)), owner="ingress-1"), RouteDecision)
     clock.now += 6.0
