@@ -296,7 +296,8 @@ class Engine:
         Staging is paced so that the steps running meanwhile keep their speed: it works one
         expert weight at a time (a read, or a copy into the new stacks) on a low-priority
         thread and sleeps after each piece, working at most ``duty`` of the time (1: no
-        pause); a piece held back by the steps (the GIL, a busy core) lengthens the pause."""
+        pause). Each piece holds the GIL only briefly (the copies release it), so a step
+        waits on staging at most that long per piece, and the pieces are spread out."""
         assert self.ep is not None and self._source is not None, "placement needs an EP engine"
         assert 0 < duty <= 1, f"duty must be in (0, 1], got {duty}"
         if self._staged is not None:
@@ -468,20 +469,21 @@ def _copied(w: Weight, device: str | torch.device) -> Weight:
 
 
 class _Pacer:
-    """Called after each piece of background work: sleeps so that the work takes at most
-    ``duty`` of the wall time. A piece is timed in wall seconds, so one that waited (for the
-    GIL, for a core the steps hold) earns a longer pause: the more the steps need the machine,
-    the more staging yields."""
+    """Called by a fresh background thread after each piece of its work: sleeps so that the
+    thread works at most ``duty`` of the wall time. A piece counts the thread's own CPU seconds, not
+    wall seconds: a low-priority thread that waited for a core the steps hold has already
+    yielded, and its pause does not grow with the wait (staging still ends in seconds on a
+    busy host)."""
 
     def __init__(self, duty: float) -> None:
         self.duty = duty
-        self._start = time.perf_counter()
+        self._start = 0.0  # the thread's CPU seconds when its piece began (a fresh thread: 0)
 
     def __call__(self) -> None:
-        busy = time.perf_counter() - self._start
+        busy = max(0.0, time.thread_time() - self._start)
         if self.duty < 1:
             time.sleep(busy * (1 / self.duty - 1))  # releases the GIL
-        self._start = time.perf_counter()
+        self._start = time.thread_time()
 
 
 def _at_low_priority(fn: Callable[[], object]) -> object:

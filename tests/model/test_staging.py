@@ -57,23 +57,23 @@ def test_stage_fills_the_new_stacks_one_weight_at_a_time(fp8, tiny_model_dir, ti
 
 
 def test_pacer_sleeps_so_that_work_takes_its_duty_of_the_time(monkeypatch):
-    """After a piece that took 0.5 s, a pacer at duty 0.1 sleeps 4.5 s; at duty 1, not at all."""
+    """After a piece of 0.5 CPU seconds, a pacer at duty 0.1 sleeps 4.5 s; at duty 1, never."""
 
     class Clock:
         now = 0.0
         slept: list[float] = []
 
-        def perf_counter(self) -> float:
+        def thread_time(self) -> float:
             return self.now
 
         def sleep(self, s: float) -> None:
-            self.slept.append(s)
-            self.now += s
+            self.slept.append(s)  # a sleeping thread uses no CPU time
 
     clock = Clock()
     monkeypatch.setattr(engine_module, "time", clock)
     for duty, want in ((0.1, [4.5]), (1.0, [])):
         clock.slept.clear()
+        clock.now = 0.0  # a fresh thread
         pace = engine_module._Pacer(duty)
         clock.now += 0.5  # a piece of work
         pace()
