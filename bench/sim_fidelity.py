@@ -38,7 +38,8 @@ Ratios are simulated over measured: ``ttft_p50_ratio``, ``ttft_p90_ratio``, ``tb
 did not complete). Targets: ratios within 25%, rejected share within 0.05. ``points`` holds
 every operating point's figures, ``per_request`` the headline point's request by request (real
 and simulated TTFT / TPOT, cached tokens). As a diagnostic, ``in_situ`` repeats the simulation
-with the speeds the workers' own meters showed during the real run (sampled every 2 s), and
+with the prefill speed the prefill worker's own meter showed during the real run (sampled every
+2 s; the decode meter's slowdown is reported, not applied: it times the engine call alone), and
 ``bracketed`` with the prefill speed scaled by half the drift the engine showed between its
 measurements before and after the replay (``prefill_drift``, after / before): on a shared box
 the profile and the run see different loads, and these separate that from the simulator's own
@@ -456,14 +457,13 @@ def slowdown(profile: dict[str, Any], engine: dict[str, Any], samples: list[dict
 
 
 def calibrated(profile: dict[str, Any], slow: dict[str, Any]) -> dict[str, Any]:
-    """The profile with every cost scaled by the slowdown the workers measured in the run."""
+    """The served profile with the prefill curve divided by the prefill slowdown the worker
+    measured in the run. The decode costs stay as served: the decode meter times the engine
+    call alone, not the served step (streaming, polls), so its slowdown is reported only."""
     out = json.loads(json.dumps(profile))
     if slow["prefill"]:
         curve = profile["prefill"]["tokens_per_s"]
         out["prefill"]["tokens_per_s"] = [[n, r / slow["prefill"]] for n, r in curve]
-    if slow["decode"]:
-        for k in ("base_s", "per_seq_s", "per_kv_token_s"):
-            out["decode"][k] = profile["decode"][k] * slow["decode"]
     out["name"] = profile["name"] + "-in-situ"
     return out
 
@@ -756,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"headline (prefill utilisation {report['prefill_utilization']}):")
     print(table(report))
     slow = report["in_situ"]["slowdown"]
-    print(f"in-situ speeds (the workers' meters during the run; slowdown {slow}):")
+    print(f"in-situ prefill speed (the worker's meter during the run; slowdown {slow}):")
     print(table(report["in_situ"]))
     drift = report["bracketed"]["prefill_drift"]
     print(f"prefill speed: the mean of before and after the replay (after / before {drift}):")
