@@ -16,8 +16,9 @@ gives the headline figures):
    prompts of 256..4096 tokens one at a time (TTFT less a 32-token prompt's: the served
    prefill curve, which replaces the engine's); bursts of 1, 8, 24, 48 tiny prompts sent at
    once with 64 output tokens (the per-token gap while all stream: the served decode step's
-   base and per-sequence cost; how far apart their first tokens come beyond what the
-   simulator spreads them: the ingress's serial work per request, ``cluster.ingress_s``).
+   base and per-sequence cost; how far apart the first tokens of the burst nearest the trace's
+   own (rows per timestamp) come beyond what the simulator spreads them: the ingress's serial
+   work per request, ``cluster.ingress_s``).
    These are the costs the engine alone does not show (the stage's loop and chunking, KV
    sends, token streaming, long-polls, the ingress sharing the CPUs).
    Operating point: the simulator prices the slice's prefill work with this profile (a replay
@@ -54,6 +55,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -340,12 +342,13 @@ def ingress_serial_s(profile: dict[str, Any], burst: dict[str, float], settings)
 
 
 def served_profile(
-    profile: dict[str, Any], served: dict[str, Any], settings: dict[str, Any]
+    profile: dict[str, Any], served: dict[str, Any], settings: dict[str, Any], burst_size: float
 ) -> dict[str, Any]:
     """The engine's profile with the costs measured on the deployed cluster: the served prefill
     curve; the decode step's base and per-sequence cost refitted to the served steps by least
     squares (the per-KV-token cost, the engine's attention, which tiny prompts do not exercise,
-    kept from the engine's fit); the ingress's serial work per request (median over bursts)."""
+    kept from the engine's fit); the ingress's serial work per request, from the burst nearest
+    ``burst_size`` (the trace's rows per timestamp)."""
     import numpy as np
 
     out = json.loads(json.dumps(profile))
@@ -360,8 +363,9 @@ def served_profile(
     y = np.array([b["step_s"] - per_kv * b["kv_tokens"] for b in bursts])
     (base, per_seq), *_ = np.linalg.lstsq(a, y, rcond=None)
     out["decode"] |= {"base_s": max(float(base), 0.0), "per_seq_s": max(float(per_seq), 0.0)}
-    serial = [ingress_serial_s(out, b, settings) for b in bursts if b["batch"] > 1]
-    out["cluster"]["ingress_s"] = statistics.median(serial)
+    # the burst nearest the trace's own (larger ones also carry their earlier streams' load)
+    burst = min(bursts[1:], key=lambda b: abs(b["batch"] - burst_size))
+    out["cluster"]["ingress_s"] = ingress_serial_s(out, burst, settings)
     out["name"] = profile["name"] + "-served"
     out["sources"].append(
         "decode base and per-sequence cost, ingress serial work: served bursts of tiny prompts "
@@ -612,9 +616,10 @@ def one_point(args, port: int, model_dir: Path, rows, base: BenchScale, engine_p
     settings = serving.mode_settings("disagg", sargs, model_dir)
     sim_rows = [TraceRow(r.timestamp_ms, r.input_length, r.output_length, r.hash_ids) for r in rows]
     point: dict[str, Any] = {}
+    burst_size = statistics.median(Counter(r.timestamp_ms for r in rows).values())
 
     def choose(served: dict[str, Any]) -> list:
-        profile = served_profile(engine_profile, served, settings)
+        profile = served_profile(engine_profile, served, settings, burst_size)
         # utilisation = the prefill work the profile prices / the arrival span
         work_s, span_s = prefill_work_s(
             CostProfile.from_dict(profile), sim_rows, sim_scale(base), settings
