@@ -359,9 +359,11 @@ def served_profile(
     )
     bursts = served["bursts"]
     per_kv = profile["decode"]["per_kv_token_s"]
+    # least squares in relative error: a step at batch 1 weighs as much as one at batch 48
     a = np.array([[1.0, b["batch"]] for b in bursts])
-    y = np.array([b["step_s"] - per_kv * b["kv_tokens"] for b in bursts])
-    (base, per_seq), *_ = np.linalg.lstsq(a, y, rcond=None)
+    y = np.array([b["step_s"] for b in bursts])
+    kv = np.array([per_kv * b["kv_tokens"] for b in bursts])
+    (base, per_seq), *_ = np.linalg.lstsq(a / y[:, None], (y - kv) / y, rcond=None)
     out["decode"] |= {"base_s": max(float(base), 0.0), "per_seq_s": max(float(per_seq), 0.0)}
     # the burst nearest the trace's own (larger ones also carry their earlier streams' load)
     burst = min(bursts[1:], key=lambda b: abs(b["batch"] - burst_size))
