@@ -115,6 +115,7 @@ class SimCluster:
             f"m{i}": SimDecode(f"m{i}", self.loop, profile, bs, is_mixed=True)
             for i in range(config.num_mixed)
         }
+        self._link_host()
         self._retired: list[SimPrefill | SimDecode] = []  # incarnations before a role move
         self._since: dict[str, float] = dict.fromkeys([*self.prefills, *self.decodes], 0.0)
         self.role_time_s: dict[str, float] = {}  # role -> instance-seconds spent in it
@@ -166,9 +167,19 @@ class SimCluster:
             self.prefills[iid] = SimPrefill(iid, self.loop, self.profile, bs)
         else:
             self.decodes[iid] = SimDecode(iid, self.loop, self.profile, bs)
+        self._link_host()
         self._since[iid] = self.loop.now
         self.scheduler.add_instance(iid, role)
         self._report(iid)
+
+    def _link_host(self) -> None:
+        """One host (``CostProfile.is_one_host``): every prefill and decode instance slows the
+        other role's steps while it works."""
+        if self.profile.is_one_host:
+            for p in self.prefills.values():
+                p.host_peers = list(self.decodes.values())
+            for d in self.decodes.values():
+                d.host_peers = list(self.prefills.values())
 
     def _retire(self, iid: str, old: SimPrefill | SimDecode) -> None:
         role = _role_of(old)

@@ -104,6 +104,11 @@ class SimPrefill:
         self._throughput = RateMeter()
         self.busy_s = 0.0
         self.is_draining = False  # moving to another role: out of the scheduler
+        self.host_peers: list[SimDecode] = []  # decode instances sharing this one's CPUs
+
+    @property
+    def is_computing(self) -> bool:
+        return self._is_stepping
 
     def submit(self, seq: SimSeq, on_done: Callable[[SimSeq], None]) -> None:
         """Queue a prompt; ``on_done(seq)`` runs once its KV is at the decode instance."""
@@ -143,6 +148,7 @@ class SimPrefill:
         budget = float(cost.token_budget)
         duration, num_tokens = cost.step_overhead_s, 0
         patience = cost.max_skipped_steps
+        slow = cost.contended_slowdown if any(d.num_running for d in self.host_peers) else 1.0
 
         def key(entry: tuple[SimSeq, Callable[[SimSeq], None]]) -> tuple[int, int]:
             seq = entry[0]
@@ -163,7 +169,7 @@ class SimPrefill:
                 seq.num_cached = seq.num_computed = self.cache.match(seq)
             start = seq.num_computed
             end = min(seq.prompt_len, start + cost.chunk_tokens(start, budget))
-            duration += cost.chunk_s(start, end)
+            duration += cost.chunk_s(start, end) * slow
             budget -= cost.chunk_cost(start, end - start)
             num_tokens += end - start
             seq.num_computed, seq.num_skipped = end, 0
@@ -231,6 +237,7 @@ class SimDecode:
         self.token_gaps: list[tuple[float, int]] = []
         self._last_step_end = 0.0
         self._fresh: list[SimSeq] = []  # joined the batch this step: their gap is their own
+        self.host_peers: list[SimPrefill] = []  # prefill instances sharing this one's CPUs
 
     # ---- the worker's API -------------------------------------------------------------------
     def reserve(self, request_id: str, num_tokens: int) -> bool:
@@ -319,6 +326,8 @@ class SimDecode:
         prefill_s, prefilled = self._prefill()
         batch = self._num_running
         decode_s = self.cost.step_s(batch, self._context_tokens) if batch else 0.0
+        if any(p.is_computing for p in self.host_peers):
+            decode_s *= self.cost.contended_slowdown
         if batch:
             self._step_time.add(decode_s)
         duration = prefill_s + decode_s

@@ -40,6 +40,9 @@ class PrefillCost:
     attention_tokens: int = 8192
     min_chunk_tokens: int = 64
     max_skipped_steps: int = 8
+    # Step time factor while a decode instance on the same host runs sequences (instances that
+    # share a machine's CPUs, as on the fidelity benchmark's box; 1: separate machines)
+    contended_slowdown: float = 1.0
 
     def rate_at(self, length: float) -> float:
         """tokens/s for a prompt of ``length`` tokens (piecewise linear, flat outside)."""
@@ -81,6 +84,7 @@ class DecodeCost:
     max_batch_size: int = 64
     kv_tokens: int = 65_536  # KV capacity (tokens); pages = kv_tokens // page_size
     prefill_token_budget: int = 512  # local prefill tokens per step (decode-local / mixed)
+    contended_slowdown: float = 1.0  # step time factor while a same-host prefill computes
 
     def step_s(self, batch: int, context_tokens: int) -> float:
         return self.base_s + self.per_seq_s * batch + self.per_kv_token_s * context_tokens
@@ -145,6 +149,11 @@ class CostProfile:
         d["prefill"]["tokens_per_s"] = [list(p) for p in self.prefill.tokens_per_s]
         d["assumptions"] = list(d.pop("notes"))
         return d
+
+    @property
+    def is_one_host(self) -> bool:
+        """The instances share one machine's CPUs: their steps slow each other down."""
+        return self.prefill.contended_slowdown != 1.0 or self.decode.contended_slowdown != 1.0
 
     @property
     def num_decode_pages(self) -> int:

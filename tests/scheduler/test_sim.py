@@ -271,3 +271,27 @@ def test_prefill_serves_least_left_first_and_finishes_a_prompt_after_its_own_chu
         p.step_overhead_s + p.chunk_s(0, 100) + TINY.transfer.latency_s, abs=1e-3
     )
     assert done["s"] < done["mid"] < done["long"]
+
+
+def test_one_host_instances_slow_each_other():
+    """``contended_slowdown``: prefill and decode on one machine's CPUs slow each other's steps;
+    at 1.0 (separate machines) the replay is unchanged."""
+    requests = _requests(rate_scale=2.0)
+    alone = _run(requests, Deployment(1, 1))
+    same = replace(TINY, prefill=replace(TINY.prefill, contended_slowdown=1.0))
+    assert [o.ttft_s for o in _run(requests, Deployment(1, 1), same).outcomes] == [
+        o.ttft_s for o in alone.outcomes
+    ]
+    shared = replace(
+        TINY,
+        prefill=replace(TINY.prefill, contended_slowdown=2.0),
+        decode=replace(TINY.decode, contended_slowdown=2.0),
+    )
+    slowed = _run(requests, Deployment(1, 1), shared)
+    assert slowed.busy_s["prefill"] > alone.busy_s["prefill"]
+
+    def mean_tpot(result):
+        tpots = [o.tpot_s for o in result.outcomes if o.tpot_s is not None]
+        return sum(tpots) / len(tpots)
+
+    assert mean_tpot(slowed) > mean_tpot(alone)
