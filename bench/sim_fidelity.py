@@ -18,7 +18,9 @@ gives the headline figures):
    once with 64 output tokens (the per-token gap while all stream: the served decode step's
    base and per-sequence cost; how far apart the first tokens of the burst nearest the trace's
    own (rows per timestamp) come beyond what the simulator spreads them: the ingress's serial
-   work per request, ``cluster.ingress_s``).
+   work per request, ``cluster.ingress_s``); a prompt prefilled alone and again while tiny
+   streams decode (how much the two instances slow each other on this shared machine:
+   ``contended_slowdown`` of each role, which puts them on one host in the simulator).
    These are the costs the engine alone does not show (the stage's loop and chunking, KV
    sends, token streaming, long-polls, the ingress sharing the CPUs).
    Operating point: the simulator prices the slice's prefill work with this profile (a replay
@@ -78,6 +80,8 @@ DEFAULT_TRANSFER_BYTES_PER_S = 0.67e9
 SERVED_BATCHES = (1, 8, 24, 48)  # tiny prompts sent at once (served decode, ingress)
 SERVED_PROMPT, SERVED_OUTPUT = 32, 64
 SERVED_PREFILL_LENGTHS = (256, 1024, 2048, 4096)
+# the contention measurement: a prompt sent this long after a burst of tiny streams
+CONTENTION_PROMPT, CONTENTION_STREAMS, CONTENTION_DELAY_S = 1024, 8, 0.5
 DEFAULT_RPC_S = 0.002  # one actor call, until measured (--profile-only does not start Ray)
 
 
@@ -325,6 +329,50 @@ def served_prefill(url: str, engine_curve: list[list[float]], reps: int) -> list
     return [[n, n / max(ttft(n) - fixed, small)] for n in SERVED_PREFILL_LENGTHS]
 
 
+def served_contention(url: str, fixed_s: float, reps: int) -> dict[str, float]:
+    """How much the two instances slow each other on this shared machine: a fresh
+    ``CONTENTION_PROMPT``-token prompt alone, then another sent while ``CONTENTION_STREAMS`` tiny
+    streams decode. ``prefill``: its prefill time (TTFT less ``fixed_s``, the path's fixed
+    part) with / without the streams; ``decode``: the streams' per-token gap while the prompt
+    computes / while it does not. Medians over ``reps``."""
+    import asyncio
+
+    from bench.trace import BenchRequest, block_ids
+
+    def prompt(k: int) -> list[int]:
+        return block_ids(-40_000_000 - k, CONTENTION_PROMPT)
+
+    pre, dec = [], []
+    for rep in range(reps):
+        (alone,) = asyncio.run(serving.replay(url, [BenchRequest(0, 0.0, prompt(2 * rep), 2)]))
+        streams = [
+            BenchRequest(i, 0.0, block_ids(-41_000_000 - 100 * rep - i, SERVED_PROMPT), 64)
+            for i in range(CONTENTION_STREAMS)
+        ]
+        late = BenchRequest(len(streams), CONTENTION_DELAY_S, prompt(2 * rep + 1), 2)
+        *outs, long = asyncio.run(serving.replay(url, [*streams, late]))
+        if not (alone.ok and long.ok and all(o.ok for o in outs)):
+            continue
+        pre.append((long.ttft_s - fixed_s) / max(alone.ttft_s - fixed_s, 1e-3))
+        lo = max(o.sent_s + o.ttft_s for o in outs)  # every stream in the batch
+        busy = (long.sent_s + fixed_s, long.sent_s + long.ttft_s)
+        inside, outside = [], []
+        for o in outs:
+            t = o.sent_s + o.ttft_s
+            for g in o.token_gaps_s:
+                t += g
+                if t > lo:
+                    (inside if busy[0] < t <= busy[1] else outside).append(g)
+        if inside and outside:
+            dec.append(statistics.median(inside) / statistics.median(outside))
+    return {
+        "prefill": round(max(statistics.median(pre), 1.0), 3) if pre else 1.0,
+        "decode": round(max(statistics.median(dec), 1.0), 3) if dec else 1.0,
+        "prefill_samples": [round(x, 3) for x in pre],
+        "decode_samples": [round(x, 3) for x in dec],
+    }
+
+
 def ingress_serial_s(profile: dict[str, Any], burst: dict[str, float], settings) -> float:
     """The ingress's serial work per request: how much further apart the burst's first tokens
     were than the simulator spreads them without it, per request."""
@@ -348,7 +396,8 @@ def served_profile(
     curve; the decode step's base and per-sequence cost refitted to the served steps by least
     squares (the per-KV-token cost, the engine's attention, which tiny prompts do not exercise,
     kept from the engine's fit); the ingress's serial work per request, from the burst nearest
-    ``burst_size`` (the trace's rows per timestamp)."""
+    ``burst_size`` (the trace's rows per timestamp); how much prefill and decode slow each
+    other on this machine (``contended_slowdown``: the simulator then puts them on one host)."""
     import numpy as np
 
     out = json.loads(json.dumps(profile))
@@ -365,6 +414,8 @@ def served_profile(
     kv = np.array([per_kv * b["kv_tokens"] for b in bursts])
     (base, per_seq), *_ = np.linalg.lstsq(a / y[:, None], (y - kv) / y, rcond=None)
     out["decode"] |= {"base_s": max(float(base), 0.0), "per_seq_s": max(float(per_seq), 0.0)}
+    out["prefill"]["contended_slowdown"] = served["contention"]["prefill"]
+    out["decode"]["contended_slowdown"] = served["contention"]["decode"]
     # the burst nearest the trace's own (larger ones also carry their earlier streams' load)
     burst = min(bursts[1:], key=lambda b: abs(b["batch"] - burst_size))
     out["cluster"]["ingress_s"] = ingress_serial_s(out, burst, settings)
@@ -393,6 +444,8 @@ def real_run(args, port: int, model_dir: Path, engine_curve, choose) -> dict[str
             "bursts": [served_burst(url, b) for b in SERVED_BATCHES],
             "prefill": served_prefill(url, engine_curve, 2 if args.quick else 3),
         }
+        fixed_s = served["bursts"][0]["ttft_s"]  # a lone tiny prompt: the path's fixed part
+        served["contention"] = served_contention(url, fixed_s, 2 if args.quick else 3)
         print(f"[real] served costs: {served}", flush=True)
         reqs = choose(served)
         pool = serve.get_deployment_handle("PoolManager", settings["name"])
@@ -470,6 +523,7 @@ def calibrated(profile: dict[str, Any], slow: dict[str, Any]) -> dict[str, Any]:
     if slow["prefill"]:
         curve = profile["prefill"]["tokens_per_s"]
         out["prefill"]["tokens_per_s"] = [[n, r / slow["prefill"]] for n, r in curve]
+        out["prefill"]["contended_slowdown"] = 1.0  # the meter ran under that contention
     out["name"] = profile["name"] + "-in-situ"
     return out
 
