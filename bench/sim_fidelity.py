@@ -14,7 +14,7 @@ gives the headline figures):
    ``bench/results/kvtransfer.json`` when present (else 0.67 GB/s).
 2. Served costs, on the deployed cluster before the replay, with prompts outside the trace:
    prompts of 256..4096 tokens one at a time (TTFT less a 32-token prompt's: the served
-   prefill curve, which replaces the engine's); bursts of 1, 8, 24, 48 tiny prompts sent at
+   prefill curve, which replaces the engine's); bursts of 1, 4, 8, 16, 32 tiny prompts sent at
    once with 64 output tokens (the per-token gap while all stream: the served decode step's
    base and per-sequence cost; how far apart the first tokens of the burst nearest the trace's
    own (rows per timestamp) come beyond what the simulator spreads them: the ingress's serial
@@ -77,11 +77,12 @@ PREFILL_LENGTHS = (64, 256, 512, 1024, 2048, 4096)
 DECODE_BATCHES = (1, 4, 16, 32, 64)
 DECODE_CONTEXTS = (128, 512, 1024)
 DEFAULT_TRANSFER_BYTES_PER_S = 0.67e9
-SERVED_BATCHES = (1, 8, 24, 48)  # tiny prompts sent at once (served decode, ingress)
+SERVED_BATCHES = (1, 4, 8, 16, 32)  # tiny prompts sent at once (a trace burst: 8-9 rows)
 SERVED_PROMPT, SERVED_OUTPUT = 32, 64
 SERVED_PREFILL_LENGTHS = (256, 1024, 2048, 4096)
-# the contention measurement: a prompt sent this long after a burst of tiny streams
-CONTENTION_PROMPT, CONTENTION_STREAMS, CONTENTION_DELAY_S = 1024, 8, 0.5
+# the contention measurement: a prompt sent this long after a few tiny streams (decode batches
+# in a replay are small: the bursts' prompts are prefilled one after another)
+CONTENTION_PROMPT, CONTENTION_STREAMS, CONTENTION_DELAY_S = 1024, 2, 0.2
 DEFAULT_RPC_S = 0.002  # one actor call, until measured (--profile-only does not start Ray)
 
 
