@@ -150,7 +150,7 @@ def _plan_from_scratch(load: np.ndarray, num_slots: int, num_nodes: int, num_ran
     # Step 2: heaviest replica first to the least loaded node with a free slot, then within its
     # node to the least loaded rank with a free slot (one level when there is one node).
     node = _pack(weight, np.zeros_like(replicas), num_nodes, num_slots // num_nodes)
-    rank = _pack(weight, node, num_ranks // num_nodes, num_slots // num_ranks)
+    rank = _pack(weight, node, num_ranks // num_nodes, num_slots // num_ranks, replicas)
     rank += node * (num_ranks // num_nodes)
     # Slots of a rank in packing order.
     slots_per_rank = num_slots // num_ranks
@@ -161,22 +161,36 @@ def _plan_from_scratch(load: np.ndarray, num_slots: int, num_nodes: int, num_ran
     return placement
 
 
-def _pack(weight: np.ndarray, group: np.ndarray, num_bins: int, capacity: int) -> np.ndarray:
+def _pack(
+    weight: np.ndarray,
+    group: np.ndarray,
+    num_bins: int,
+    capacity: int,
+    items: np.ndarray | None = None,
+) -> np.ndarray:
     """Bin in [0, num_bins) within its group for each item, [L, S]: items in order, each to the
-    least loaded bin of its group with room (``capacity`` items per bin)."""
+    least loaded bin of its group with room (``capacity`` items per bin). With ``items`` (the
+    expert id of each item), a bin that already holds the same expert is taken only when no
+    other bin has room: two replicas of an expert on one rank split no load."""
     num_layers, num_items = weight.shape
     layers = np.arange(num_layers)
     num_groups = num_items // (num_bins * capacity)
     bin_load = np.zeros((num_layers, num_groups, num_bins))
     bin_used = np.zeros((num_layers, num_groups, num_bins), dtype=np.int64)
+    if items is not None:
+        holds = np.zeros((num_layers, num_groups, num_bins, int(items.max()) + 1), dtype=bool)
     out = np.empty_like(group)
     for i in range(num_items):
         g = group[:, i]
         cost = np.where(bin_used[layers, g] < capacity, bin_load[layers, g], np.inf)
+        if items is not None:
+            cost = cost + np.where(holds[layers, g, :, items[:, i]], 1e300, 0.0)
         b = np.argmin(cost, axis=1)
         out[:, i] = b
         bin_load[layers, g, b] += weight[:, i]
         bin_used[layers, g, b] += 1
+        if items is not None:
+            holds[layers, g, b, items[:, i]] = True
     return out
 
 
@@ -223,15 +237,28 @@ def _move_replicas(load, placement, previous, slots_per_rank: int, budget: int) 
             .reshape(num_layers, -1, slots_per_rank)
             .sum(2)
         )
+        # The hot expert's new replica must land on a rank that holds none of it yet: a second
+        # replica on one rank serves none of that rank's tokens it did not already serve.
+        holds_hot = (placement == hot[:, None]).reshape(num_layers, -1, slots_per_rank).any(2)
         slot = np.argmax(
-            np.where(placement == donor[:, None], loads[:, slot_rank], -np.inf), axis=1
+            np.where(
+                (placement == donor[:, None]) & ~holds_hot[:, slot_rank],
+                loads[:, slot_rank],
+                -np.inf,
+            ),
+            axis=1,
         )
         changed = (
             num_changed
             - (placement[rows, slot] != previous[rows, slot])
             + (hot != previous[rows, slot])
         )
-        ok = (new_peak < peak * (1 - _REL_TOL)) & (changed <= budget) & (donor != hot)
+        ok = (
+            (new_peak < peak * (1 - _REL_TOL))
+            & (changed <= budget)
+            & (donor != hot)
+            & (placement[rows, slot] == donor)  # False: every donor slot is on a hot rank
+        )
         if not ok.any():
             break
         placement[rows[ok], slot[ok]] = hot[ok]
@@ -299,7 +326,14 @@ def _best_swaps(load, placement, previous, num_ranks: int, budget: int):
         + (b[:, None, :] != prev_i)
         + (a[:, :, None] != previous[:, None, :])
     )
-    bad = (slot_rank == hot[:, None, None]) | (a[:, :, None] == b[:, None, :])
+    # Nor may a swap put a second replica of an expert on a rank (it would serve nothing).
+    on_rank = np.zeros((num_layers, num_ranks, load.shape[1]), dtype=bool)
+    on_rank[layers, slot_rank[None, :], placement] = True
+    doubles = (
+        on_rank[layers[:, :, None], slot_rank[None, None, :], a[:, :, None]]
+        | on_rank[layers, hot[:, None], b][:, None, :]
+    )
+    bad = (slot_rank == hot[:, None, None]) | (a[:, :, None] == b[:, None, :]) | doubles
     swap_val[bad | (swap_changed > budget)] = np.inf
 
     # Largest drop in the sum of squared rank loads among swaps that do not raise the max.

@@ -70,6 +70,28 @@ def test_previous_placement_kept_when_loads_do_not_change(case, max_moved):
     np.testing.assert_array_equal(again, previous)
 
 
+def _doubles_on_a_rank(placement, num_ranks):
+    per_rank = placement.reshape(placement.shape[0], num_ranks, -1)
+    return sum(len(r) - len(set(r.tolist())) for layer in per_rank for r in layer)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes(), st.integers(0, 2**32 - 1), st.integers(0, 6))
+def test_no_rank_gets_a_second_replica_of_an_expert(case, seed, max_moved):
+    """A second replica on the rank that holds one splits no load: neither a plan from scratch
+    nor a move or swap makes one (when there are more ranks than any expert's replicas)."""
+    load, num_slots, num_nodes, num_ranks = case
+    previous = rebalance(load, num_slots, num_nodes, num_ranks)
+    counts = np.stack([np.bincount(layer, minlength=load.shape[1]) for layer in previous])
+    if counts.max() > num_ranks or num_slots - load.shape[1] >= num_ranks:
+        return  # replicas forced to share a rank (more replicas than ranks)
+    assert _doubles_on_a_rank(previous, num_ranks) == 0
+    rng = np.random.default_rng(seed)
+    new_load = rng.poisson(load * rng.uniform(0.2, 3.0, size=load.shape) + 1).astype(np.float64)
+    placement = rebalance(new_load, num_slots, num_nodes, num_ranks, previous, max_moved)
+    assert _doubles_on_a_rank(placement, num_ranks) == 0
+
+
 def test_skewed_load_gets_better_balanced():
     rng = np.random.default_rng(0)
     num_layers, num_experts, num_slots, num_ranks = 4, 64, 80, 8
