@@ -22,20 +22,22 @@ For each window t both planners see window t's counts and their own placement fr
 Figures: balancedness (mean / max rank load, even split over replicas) on window t+1, the
 fraction of slots whose expert changed per rebalance, plan time.
 
-Part 2, live (``part2_live``, skipped with ``--skip-live``): an EP2 ``k2-small`` instance (two
-rank processes over gloo, 32+8 slots per MoE layer) with a router bias that makes 4 experts of
-rank 0 hot (rank balancedness ~0.6 without EPLB), in one run: decode steps at batch 32 (the
-headline) and 128 and 256 (``decode_batch_sweep``), and prefills of 1024 tokens per rank, with
-EPLB off (the default placement), on (after a live rebalance planned by
-``scheduler.eplb.rebalance`` from the off window) and with the bias removed (the ideal),
-measured in the order ideal, off, on, off, ideal; the longest step while a placement is staged
-in the background and swapped in, against the median EPLB-off step (and the same ratio for the
-phases without a rebalance, the noise floor); greedy tokens of every phase against EPLB off.
-Per rank, the median step less its seconds in the collectives (``rank_busy_ms``: its own work;
-the gap between the ranks is what the skew costs). The share of the off-to-ideal gap recovered
-is reported only where that gap exceeds twice the noise (the difference between the two
-measurements of one layout, or the standard error of the medians' difference); elsewhere it is
-null with the reason (``gap_note``). See ``bench/eplb_ep.py`` for what a rank runs.
+Part 2, live (``part2_live``, skipped with ``--skip-live``; ``--live-only`` runs it alone): an
+EP2 ``k2-small`` instance (two rank processes over gloo, 32+8 slots per MoE layer, each rank
+pinned to its own core unless ``--no-pin``) with a router bias that makes 4 experts of rank 0
+hot (rank balancedness ~0.6 without EPLB). Rank 0 plans a new placement with
+``scheduler.eplb.rebalance`` from an EPLB-off window, and every rank stages and swaps it in live
+while decoding (``live``). Then rounds of three blocks, EPLB off (the default placement), on (the
+new one) and the ideal (the bias removed), in an order rotated each round, each block decoding
+at batch 32 (the headline) and 128 and 256 (``decode_batch_sweep``) and prefilling 1024 tokens
+per rank; a second live rebalance goes back (``live_back``). Figures: tokens/s and median steps
+per layout; the off-to-ideal gap and what EPLB on recovers of it as means of within-round
+differences (so a drift of the box's speed cancels), the share recovered reported only where
+the gap exceeds twice its standard error (elsewhere null, with the reason in ``gap_note``); per
+rank, the median step less its seconds in the collectives (``rank_busy_ms``: its own work);
+the longest step of a live rebalance against the median EPLB-off step, beside the same ratio
+for the runs without one (the noise floor); greedy tokens of every skewed run against EPLB
+off. See ``bench/eplb_ep.py`` for what a rank runs.
 """
 
 from __future__ import annotations
@@ -273,115 +275,131 @@ LIVE_REDUNDANT = 4  # extra slots per rank
 GAP_TARGET, STEP_RATIO_TARGET = 0.8, 1.25
 
 
-def _runs(records: list[dict], phase: str, part: str) -> list[dict]:
-    """Every rank's record of one phase (``part`` "": decode at BATCH; "prefill": its
-    prefills; "sweep/B": decode at batch B)."""
-    runs = []
-    for r in records:
-        x = r["phases"][phase]
-        for key in part.split("/") if part else ():
-            x = x[key]
-        runs.append(x)
-    return runs
+PHASES_LIVE = ("ideal", "off", "live", "live_back")  # the runs outside the rounds
+LAYOUTS_LIVE = {"eplb_off": "off", "eplb_on": "on", "ideal": "ideal"}  # figure key: block name
 
 
-def _instance_steps(records: list[dict], phase: str, part: str = "") -> list[float]:
-    """Per lockstep step, the slowest rank's seconds."""
-    runs = _runs(records, phase, part)
+def _part(run: dict, part: str) -> dict:
+    """One rank's run of a block's ``part`` ("": decode at BATCH; "prefill": its prefills;
+    "sweep/B": decode at batch B)."""
+    for key in part.split("/") if part else ():
+        run = run[key]
+    return run
+
+
+def _lockstep(runs: list[dict]) -> list[float]:
+    """Per lockstep step of the ranks' ``runs``, the slowest rank's seconds."""
     return [max(row) for row in zip(*(x["seconds"] for x in runs), strict=True)]
 
 
-def _rank_balancedness(records: list[dict], phase: str, part: str = "") -> float:
-    """Mean / max over the ranks of the expert rows each computed in the phase."""
-    rows = [x["rows"] for x in _runs(records, phase, part)]
-    return float(np.mean(rows) / max(rows))
-
-
-def _rank_busy_ms(records: list[dict], phases: tuple[str, ...], part: str) -> list[float]:
-    """Per rank, the median over the phases' decode steps of its own work: the step less its
-    seconds in the collectives (where it waits for the slower rank)."""
-    per_rank = zip(*(_runs(records, p, part) for p in phases), strict=True)
+def _blocks(records: list[dict], name: str, part: str) -> list[list[dict]]:
+    """Per round, every rank's run of block ``name``'s ``part``."""
+    num_rounds = len(records[0]["phases"]["rounds"])
     return [
-        median(s - c for x in runs for s, c in zip(x["seconds"], x["comm"], strict=True)) * 1e3
-        for runs in per_rank
+        [_part(r["phases"]["rounds"][i][name], part) for r in records] for i in range(num_rounds)
     ]
 
 
-def _median_se(xs: list[float]) -> float:
-    """Standard error of the median of ``xs`` (normal approximation, spread from the MAD, so
-    that a few long steps do not set it)."""
-    m = median(xs)
-    mad = median(abs(x - m) for x in xs)
-    return 1.2533 * 1.4826 * mad / len(xs) ** 0.5
+def _phase_steps(records: list[dict], phase: str) -> list[float]:
+    return _lockstep([r["phases"][phase] for r in records])
 
 
 def _three_ways(records: list[dict], part: str, tokens_per_step: int) -> dict:
-    """EPLB off / on / ideal for decode steps or prefills: median step, tokens/s, rank
-    balancedness, speedup (on over off) and the share of the off-to-ideal gap recovered.
+    """EPLB off / on / ideal for decode steps or prefills, from the interleaved rounds: median
+    step, tokens/s, rank balancedness, per-rank busy time, speedup (on over off) and the share
+    of the off-to-ideal gap recovered.
 
-    The gap is defined only where off is slower than the ideal by more than twice the noise:
-    the larger of the difference between the two measurements of one layout (off and off2,
-    ideal and ideal2, taken before and after the EPLB-on phase) and the standard error of the
-    difference of the medians. Elsewhere ``gap_recovered`` is None and ``gap_note`` says why."""
-    s = {p: _instance_steps(records, p, part) for p in ("off", "off2", "on", "ideal", "ideal2")}
-    off, ideal = s["off"] + s["off2"], s["ideal"] + s["ideal2"]
-    t = {"eplb_off": median(off), "eplb_on": median(s["on"]), "ideal": median(ideal)}
-    gap = t["eplb_off"] - t["ideal"]
-    repeat = max(
-        abs(median(s["off"]) - median(s["off2"])), abs(median(s["ideal"]) - median(s["ideal2"]))
-    )
-    noise = max(repeat, (_median_se(off) ** 2 + _median_se(ideal) ** 2) ** 0.5)
+    The gap and what EPLB recovers of it are means over the rounds of within-round differences
+    (each round measures the three layouts back to back, so a drift of the box's speed cancels);
+    the noise is the standard error of that mean. The share recovered is defined only where the
+    gap exceeds twice the noise; elsewhere ``gap_recovered`` is None and ``gap_note`` says why."""
+    blocks = {key: _blocks(records, name, part) for key, name in LAYOUTS_LIVE.items()}
+    steps = {key: [_lockstep(runs) for runs in b] for key, b in blocks.items()}
+    t = {key: median(x for block in s for x in block) for key, s in steps.items()}
+    per_round = {key: [median(block) for block in s] for key, s in steps.items()}
+    d_ideal = [o - i for o, i in zip(per_round["eplb_off"], per_round["ideal"], strict=True)]
+    d_on = [o - n for o, n in zip(per_round["eplb_off"], per_round["eplb_on"], strict=True)]
+    gap = float(np.mean(d_ideal))
+    noise = float(np.std(d_ideal, ddof=1) / len(d_ideal) ** 0.5) if len(d_ideal) > 1 else gap
     note = None
     if gap <= 2 * noise:
         note = (
-            f"undefined: off - ideal = {gap * 1e3:.2f} ms per step is not above twice the "
-            f"noise ({noise * 1e3:.2f} ms: the repeats of one layout differ by "
-            f"{repeat * 1e3:.2f} ms)"
+            f"undefined: off - ideal = {gap * 1e3:.2f} ms per step (mean of {len(d_ideal)} "
+            f"rounds) is not above twice its standard error ({noise * 1e3:.2f} ms)"
         )
+    rows = {
+        key: np.sum([[x["rows"] for x in runs] for runs in b], axis=0) for key, b in blocks.items()
+    }
     figures = {
         "tokens_per_s": {k: tokens_per_step / v for k, v in t.items()},
         "median_step_ms": {k: v * 1e3 for k, v in t.items()},
-        "rank_balancedness": {
-            k: _rank_balancedness(records, p, part)
-            for k, p in (("eplb_off", "off"), ("eplb_on", "on"), ("ideal", "ideal"))
-        },
+        "rank_balancedness": {k: float(np.mean(r) / np.max(r)) for k, r in rows.items()},
         "speedup": t["eplb_off"] / t["eplb_on"],
         "gap_ms": gap * 1e3,
         "noise_ms": noise * 1e3,
-        "gap_recovered": None if note else (t["eplb_off"] - t["eplb_on"]) / gap,
+        "gap_ms_per_round": [round(x * 1e3, 2) for x in d_ideal],
+        "recovered_ms_per_round": [round(x * 1e3, 2) for x in d_on],
+        "gap_recovered": None if note else float(np.mean(d_on)) / gap,
         "gap_note": note,
     }
-    if part != "prefill":
+    if part != "prefill":  # per rank: its step less its seconds in the collectives
         figures["rank_busy_ms"] = {
-            k: _rank_busy_ms(records, ps, part)
-            for k, ps in (
-                ("eplb_off", ("off", "off2")),
-                ("eplb_on", ("on",)),
-                ("ideal", ("ideal", "ideal2")),
-            )
+            k: [
+                median(
+                    s - c
+                    for runs in b
+                    for s, c in zip(runs[rank]["seconds"], runs[rank]["comm"], strict=True)
+                )
+                * 1e3
+                for rank in range(len(records))
+            ]
+            for k, b in blocks.items()
         }
     return figures
 
 
-def _changed_sequences(records: list[dict], steps: int) -> int:
-    """Decode sequences whose greedy tokens in any phase on the skewed routing (during or after
-    a rebalance) differ from EPLB off."""
-    changed = 0
-    for r in records:
+def _skewed_runs(records: list[dict], part: str) -> list[tuple[int, dict]]:
+    """(rank, run) of every run on the skewed routing after the plan's window: the live
+    rebalances and the rounds' off and on blocks."""
+    out = []
+    for rank, r in enumerate(records):
         ph = r["phases"]
-        for seq in range(len(ph["off"]["tokens"][0])):
-            ref = [step[seq] for step in ph["off"]["tokens"]]
-            for p in ("live", "on", "live_back", "off2"):
-                if [step[seq] for step in ph[p]["tokens"][:steps]] != ref:
-                    changed += 1
-                    break
-    return changed
+        if not part:
+            out += [(rank, ph["live"]), (rank, ph["live_back"])]
+        for block in ph["rounds"]:
+            out += [(rank, _part(block[name], part)) for name in ("off", "on")]
+    return out
+
+
+def _identical(records: list[dict], part: str) -> bool:
+    """Every skewed run's tokens equal EPLB off's (decode at BATCH: the plan's window; other
+    parts: the first round's off block) over the steps they share."""
+    ref = [
+        r["phases"]["off"] if not part else _part(r["phases"]["rounds"][0]["off"], part)
+        for r in records
+    ]
+    return all(
+        run["tokens"][:n] == ref[rank]["tokens"][:n]
+        for rank, run in _skewed_runs(records, part)
+        for n in [min(len(run["tokens"]), len(ref[rank]["tokens"]))]
+    )
+
+
+def _changed_sequences(records: list[dict]) -> int:
+    """Decode sequences (batch BATCH) whose greedy tokens in any run on the skewed routing
+    (during or after a rebalance) differ from EPLB off's."""
+    changed: set[tuple[int, int]] = set()
+    for rank, run in _skewed_runs(records, ""):
+        ref = records[rank]["phases"]["off"]["tokens"]
+        for step, tokens in enumerate(run["tokens"][: len(ref)]):
+            changed |= {(rank, q) for q, x in enumerate(tokens) if x != ref[step][q]}
+    return len(changed)
 
 
 def _live_rebalance(records: list[dict], name: str, t_off: float) -> dict:
     """The steps of one live rebalance against the median EPLB-off step."""
     phases = [r["phases"][name] for r in records]
-    step = _instance_steps(records, name)
+    step = _phase_steps(records, name)
     pending = [any(p["pending"][s] for p in phases) for s in range(len(step))]
     return {
         "longest_step_ms": max(step) * 1e3,
@@ -395,7 +413,7 @@ def _live_rebalance(records: list[dict], name: str, t_off: float) -> dict:
     }
 
 
-def part2_live(model_dir: Path, quick: bool) -> dict:
+def part2_live(model_dir: Path, quick: bool, pin: bool = True) -> dict:
     """EP2 k2-small, skewed routing: EPLB off, on (after a live rebalance), and the balanced
     ideal, in one run (``bench/eplb_ep.py`` runs the ranks; see its docstring)."""
     from bench.engine_ep import launch
@@ -405,12 +423,15 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
     if not (model_dir / "config.json").exists():
         print(f"generating k2-small into {model_dir} ...", flush=True)
         make_model("k2-small", model_dir, seed=0)
-    steps, live_steps, prefill_reps = (24, 40, 3) if quick else (48, 80, 6)
-    sweep_steps = [8 if quick else 24 for _ in SWEEP]
+    steps, live_steps, prefill_reps = (24, 40, 1) if quick else (48, 80, 2)
+    rounds, block_steps = (3, 12) if quick else (8, 16)
+    sweep_steps = [6 if quick else 8 for _ in SWEEP]
     common = ["--model-dir", str(model_dir), "--redundant", str(LIVE_REDUNDANT)]
     common += ["--max-moved-fraction", str(MOVED_TARGET), "--steps", str(steps)]
     common += ["--live-steps", str(live_steps), "--prefill-reps", str(prefill_reps)]
+    common += ["--rounds", str(rounds), "--block-steps", str(block_steps)]
     common += ["--sweep-steps", *map(str, sweep_steps)]
+    common += ["--pin"] if pin else []
     script = str(Path(__file__).with_name("eplb_ep.py"))
     records = launch(LIVE_RANKS, 1, common, 1800, script=script)
 
@@ -419,18 +440,15 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
     prefill = _three_ways(records, "prefill", LIVE_RANKS * PREFILL_LEN)
     t_off = decode["median_step_ms"]["eplb_off"] / 1e3
     live = {name: _live_rebalance(records, name, t_off) for name in ("live", "live_back")}
-    # the same ratio for the phases without a rebalance: how long a step gets from noise alone
-    quiet = max(max(_instance_steps(records, p)) / t_off for p in ("off", "on", "off2"))
-    reference = [r["phases"]["off"]["tokens"] for r in records]  # phases replay the same steps
-    identical = {
-        p: [r["phases"][p]["tokens"][:steps] for r in records] == reference
-        for p in ("live", "on", "live_back", "off2")
-    }
-    prefill_identical = all(
-        r["phases"][p]["prefill"]["tokens"] == r["phases"]["off"]["prefill"]["tokens"]
-        for r in records
-        for p in ("on", "off2")
-    )
+    # the same ratio for the runs without a rebalance: how long a step gets from noise alone
+    quiet_steps = _phase_steps(records, "off") + [
+        x
+        for key in ("eplb_off", "eplb_on")
+        for runs in _blocks(records, LAYOUTS_LIVE[key], "")
+        for x in _lockstep(runs)
+    ]
+    quiet = max(quiet_steps) / t_off
+    prefill_identical = _identical(records, "prefill")
     first = records[0]
     moved = sum(
         a != b
@@ -446,17 +464,21 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
             "decode_batch": BATCH,
             "context": CONTEXT,
             "prefill_tokens_per_rank": PREFILL_LEN,
-            "steps_per_phase": steps,
+            "plan_window_steps": steps,
+            "rounds": rounds,
+            "order": "off, on, ideal rotated by one each round",
+            "decode_steps_per_block": block_steps,
             "sweep_batches": list(SWEEP),
-            "sweep_steps_per_phase": sweep_steps,
+            "sweep_steps_per_block": sweep_steps,
             "live_steps": live_steps,
-            "prefill_reps": prefill_reps,
+            "prefills_per_block": prefill_reps,
             "hot_experts": first["hot_experts"],
             "max_moved_per_layer": first["max_moved"],
             "plan_from": "the EPLB-off decode window's counts summed over the ranks (the same "
             "placement then serves the prefills)",
             "dtype": "float32",
             "transport": "gloo over 127.0.0.1, one torch thread per rank",
+            "pinned": pin,
         },
         "decode_tokens_per_s": decode["tokens_per_s"],
         "median_step_ms": decode["median_step_ms"],
@@ -476,6 +498,8 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
                     "speedup",
                     "gap_ms",
                     "noise_ms",
+                    "gap_ms_per_round",
+                    "recovered_ms_per_round",
                     "gap_recovered",
                     "gap_note",
                 )
@@ -489,20 +513,22 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
         "moved_slots": int(moved),
         "moved_fraction": moved / (len(first["placement"]) * first["num_slots"]),
         "plan_ms": first["plan_s"] * 1e3,
-        "greedy_tokens_identical_to_off": identical,
-        "sweep_tokens_identical_to_off": {
-            str(b): all(
-                r["phases"][p]["sweep"][str(b)]["tokens"]
-                == r["phases"]["off"]["sweep"][str(b)]["tokens"]
-                for r in records
-                for p in ("on", "off2")
-            )
-            for b in SWEEP
-        },
-        "sequences_with_changed_tokens": _changed_sequences(records, steps),
+        "greedy_tokens_identical_to_off": _identical(records, ""),
+        "sweep_tokens_identical_to_off": {str(b): _identical(records, f"sweep/{b}") for b in SWEEP},
+        "sequences_with_changed_tokens": _changed_sequences(records),
         "failed_rebalances": sum(len(v["errors"]) for v in live.values()),
         "step_ms": {
-            p: [round(x * 1e3, 2) for x in _instance_steps(records, p)] for p in first["phases"]
+            **{p: [round(x * 1e3, 2) for x in _phase_steps(records, p)] for p in PHASES_LIVE},
+            "rounds": [
+                {
+                    name: [
+                        round(x * 1e3, 2)
+                        for x in _lockstep([r["phases"]["rounds"][i][name] for r in records])
+                    ]
+                    for name in LAYOUTS_LIVE.values()
+                }
+                for i in range(rounds)
+            ],
         },
     }
     gap = result["eplb_gap_recovered"]
@@ -510,6 +536,7 @@ def part2_live(model_dir: Path, quick: bool) -> dict:
         "gap_recovered_ge_0.8": gap is not None and gap >= GAP_TARGET,
         "rebalance_step_ratio_le_1.25": result["rebalance_step_ratio"] <= STEP_RATIO_TARGET,
         "no_failure": result["sequences_with_changed_tokens"] == 0
+        and result["greedy_tokens_identical_to_off"]
         and result["failed_rebalances"] == 0
         and prefill_identical
         and all(result["sweep_tokens_identical_to_off"].values()),
@@ -577,17 +604,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
     parser.add_argument("--model-dir", type=Path, default=Path(".models/k2-small"))
     parser.add_argument("--skip-live", action="store_true", help="part 1 only")
+    parser.add_argument("--live-only", action="store_true", help="part 2 only")
+    parser.add_argument("--no-pin", action="store_true", help="let the ranks share the cores")
     args = parser.parse_args()
-    result = {"part1_synthetic": part1_synthetic(args.quick)}
+    result = {} if args.live_only else {"part1_synthetic": part1_synthetic(args.quick)}
     if not args.skip_live:
-        result["part2_live"] = part2_live(args.model_dir, args.quick)
-    s = result["part1_synthetic"]
-    print(
-        f"\nmean next-window balancedness ours {s['next_window_balancedness']['ours']:.4f} vs "
-        f"baseline {s['next_window_balancedness']['baseline']:.4f}; moved ours "
-        f"{s['moved_fraction']['ours']:.3f} vs baseline {s['moved_fraction']['baseline']:.3f}; "
-        f"targets met: {s['targets_met']}"
-    )
+        result["part2_live"] = part2_live(args.model_dir, args.quick, pin=not args.no_pin)
+    if "part1_synthetic" in result:
+        s = result["part1_synthetic"]
+        print(
+            f"\nmean next-window balancedness ours {s['next_window_balancedness']['ours']:.4f} vs "
+            f"baseline {s['next_window_balancedness']['baseline']:.4f}; moved ours "
+            f"{s['moved_fraction']['ours']:.3f} vs baseline "
+            f"{s['moved_fraction']['baseline']:.3f}; targets met: {s['targets_met']}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -4,24 +4,28 @@
 
 Every rank holds ``BATCH / N`` sequences of ``CONTEXT`` tokens of random latent KV and decodes
 them greedily (each step's argmax is the next step's input), in lockstep with the other ranks,
-with the same ``Engine``, ``ExpertParallel`` and staging/swap code the rank workers run. Phases,
-each replaying the same ``STEPS`` decode steps from the same starting tokens (a phase rewrites
-the positions the previous one wrote, so every phase starts from the same state):
+with the same ``Engine``, ``ExpertParallel`` and staging/swap code the rank workers run. Every
+run replays the same decode steps from the same starting tokens (a step rewrites the KV at its
+position before reading it, so a run's tokens do not depend on what ran before):
 
 1. ``ideal``: the checkpoint's routing (no bias);
 2. ``off``: a router bias on ``HOT`` experts of rank 0 that no other rank replicates, so that
-   rank 0 computes most of the expert rows (the default placement, EPLB off);
-3. ``live``: rank 0 plans a new placement from the ``off`` window's counts (summed over the
-   ranks) with ``scheduler.eplb.rebalance``; every rank stages the new slots' weights from its
-   checkpoint on a background thread while the step loop keeps decoding, and the layers swap
-   in at common ticks, one per tick;
-4. ``on``: the new placement serves the skewed routing;
-5. ``live_back`` (a second live rebalance, back to the default placement), ``off2``,
-   ``ideal2``: the same measurements again, later in the run, for the spread.
+   rank 0 computes most of the expert rows (the default placement, EPLB off). Its counts,
+   summed over the ranks, are the window rank 0 plans a new placement from with
+   ``scheduler.eplb.rebalance``;
+3. ``live``: every rank stages the new slots' weights from its checkpoint on a background
+   thread while the step loop keeps decoding, and the layers swap in at common ticks, one per
+   tick;
+4. ``rounds``: ``--rounds`` rounds of three blocks, EPLB ``off`` (the default placement, skewed
+   routing), ``on`` (the new placement, skewed routing) and ``ideal`` (the default placement, no
+   bias), in an order rotated by one each round, so that a drift of the box's speed falls on
+   every layout alike. The rounds switch layouts by installing stacks kept from before and after
+   the live rebalance (``use_layout``), not by resharding. A block decodes ``--block-steps``
+   steps at batch ``BATCH``, the ``SWEEP`` batches and the prefills;
+5. ``live_back``: a second live rebalance, back to the default placement.
 
-Every measured phase (not the live ones) also decodes the ``SWEEP`` batches (``sweep``: the
-first sequences of one shared set; a step rewrites the KV at its position before reading it,
-so a batch's tokens do not depend on what ran before) and runs the prefills.
+With ``--pin`` rank R runs on core R (its staging thread too): a rank has its own compute, as
+on a GPU, and the ranks do not take turns on both cores.
 
 Per step each rank records its seconds, its seconds in the collectives (all-to-alls and the
 tick, waiting for the slower rank included), whether a staged placement was pending, and the
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -55,6 +60,7 @@ CONTEXT = 256  # tokens of context per decode sequence
 PREFILL_LEN = 1024  # tokens per rank per prefill step (one chunk)
 HOT = 4  # experts made hot by the router bias
 BIAS = 1.0  # added to the hot experts' selection scores (sigmoid scores are in (0, 1))
+ORDER = ["off", "on", "ideal"]  # a round's blocks, rotated by one each round
 
 
 def decode_context(engine: Engine, batch: int, steps: int) -> list[str]:
@@ -76,6 +82,17 @@ def hot_experts(ep: ExpertParallel) -> list[int]:
     rank0 = [placement[s] for s in range(ep.slots_per_rank)]
     single = [e for e in rank0 if placement.count(e) == 1]
     return single[-HOT:]
+
+
+def layout(engine: Engine) -> dict[int, tuple]:
+    """The placement and expert stacks every MoE layer serves (for ``use_layout``)."""
+    return {i: (moe.placement, moe.gate_up, moe.down) for i, moe in engine.model.moe_layers.items()}
+
+
+def use_layout(engine: Engine, stacks: dict[int, tuple]) -> None:
+    """Serve a layout kept by ``layout`` again (every rank at the same point of its loop)."""
+    for i, moe in engine.model.moe_layers.items():
+        moe.install(*stacks[i])
 
 
 def set_skew(engine: Engine, base: dict[int, torch.Tensor], hot: list[int], on: bool) -> None:
@@ -200,13 +217,18 @@ def rank_main(argv: list[str]) -> None:
     ap.add_argument("--max-moved-fraction", type=float, required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--live-steps", type=int, required=True)
+    ap.add_argument("--rounds", type=int, required=True, help="rounds of off, on and ideal")
+    ap.add_argument("--block-steps", type=int, required=True, help="decode steps per block")
     ap.add_argument(
         "--sweep-steps", type=int, nargs=len(SWEEP), required=True, help="steps per SWEEP batch"
     )
     ap.add_argument("--prefill-reps", type=int, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--pin", action="store_true", help="pin rank R to core R (its own core)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.pin:
+        os.sched_setaffinity(0, {args.rank % os.cpu_count()})
     config = ModelConfig.from_json(args.model_dir / "config.json")
     num_slots = config.n_routed_experts + args.redundant * args.num_ranks
     ep = ExpertParallel.join(
@@ -215,7 +237,7 @@ def rank_main(argv: list[str]) -> None:
     batch = BATCH // args.num_ranks
     sweep = {b // args.num_ranks: n for b, n in zip(SWEEP, args.sweep_steps, strict=True)}
     most = max(batch, *sweep)  # the batches share their sequences (each step rewrites its KV)
-    steps = max(args.steps, args.live_steps, *sweep.values())
+    steps = max(args.steps, args.live_steps, args.block_steps, *sweep.values())
     engine = Engine.load(
         args.model_dir,
         dtype=torch.float32,
@@ -233,9 +255,9 @@ def rank_main(argv: list[str]) -> None:
 
     prompt = torch.randint(0, config.vocab_size, (PREFILL_LEN,), generator=g).tolist()
 
-    def measure() -> dict:
+    def measure(steps: int) -> dict:
         return {
-            **run_phase(engine, seqs[:batch], first[:batch], args.steps),
+            **run_phase(engine, seqs[:batch], first[:batch], steps),
             "sweep": {
                 str(b * args.num_ranks): run_phase(engine, seqs[:b], first[:b], n)
                 for b, n in sweep.items()
@@ -246,18 +268,31 @@ def rank_main(argv: list[str]) -> None:
     for b in (batch, *sweep):
         run_phase(engine, seqs[:b], first[:b], 2)  # warm-up
     run_prefills(engine, prompt, 1)
-    phases: dict[str, dict] = {"ideal": measure()}
+    phases: dict[str, object] = {
+        "ideal": run_phase(engine, seqs[:batch], first[:batch], args.steps)
+    }
     set_skew(engine, base, hot, on=True)
-    phases["off"] = measure()
+    phases["off"] = run_phase(engine, seqs[:batch], first[:batch], args.steps)  # the plan's window
     placement, plan_s = plan(engine, ep, phases["off"], max_moved)
+    stacks = {"off": layout(engine)}
     phases["live"] = live_phase(engine, 1, placement, seqs[:batch], first[:batch], args.live_steps)
-    phases["on"] = measure()
+    stacks["on"] = layout(engine)
+    stacks["ideal"] = stacks["off"]
+    rounds = []
+    for r in range(args.rounds):  # interleaved, so that a drift of the box's speed cancels
+        names = ORDER[r % len(ORDER) :] + ORDER[: r % len(ORDER)]
+        blocks = {}
+        for name in names:
+            use_layout(engine, stacks[name])
+            set_skew(engine, base, hot, on=name != "ideal")
+            blocks[name] = measure(args.block_steps)
+        rounds.append(blocks)
+    phases["rounds"] = rounds
+    use_layout(engine, stacks["on"])
+    set_skew(engine, base, hot, on=True)
     phases["live_back"] = live_phase(
         engine, 2, default, seqs[:batch], first[:batch], args.live_steps
     )
-    phases["off2"] = measure()
-    set_skew(engine, base, hot, on=False)
-    phases["ideal2"] = measure()
 
     record = {
         "rank": args.rank,
